@@ -1,0 +1,46 @@
+"""The `cmalign` command: a thin skin over the library, one module per command."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+import cmalign
+from cmalign.cli import data as data_cmd
+from cmalign.cli import fit as fit_cmd
+
+app = typer.Typer(
+    name="cmalign",
+    help="Close the modality gap of CLIP-style models: TPC-CMA fine-tuning (fit) and the generated "
+         "default data set (data). Run `cmalign COMMAND --help` for each command's options.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("fit", help=fit_cmd.HELP)(fit_cmd.fit_command)
+app.add_typer(data_cmd.app, name="data")
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"cmalign {cmalign.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+):
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

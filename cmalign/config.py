@@ -1,0 +1,210 @@
+"""`fit`'s configuration: nested dataclasses, loadable from TOML and overridable key by key.
+
+A run directory keeps the fully resolved config (``config.toml``), so a run can be repeated or
+resumed from it alone. Section and key names in the TOML are the dataclass field names::
+
+    alpha_target = 0.5
+    [train]
+    steps = 600
+    [loss]
+    distribution = "mmd"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cmalign.curriculum import CurriculumConfig
+from cmalign.grad_scheduler import GradSchedulerConfig
+from cmalign.losses import CMAConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cmalign-tiny"
+    # None: the model's own default — the embedded pretrained base for cmalign-tiny, random
+    # weights (with a warning) for anything else. Else an open_clip tag or a checkpoint file.
+    pretrained: str | None = None
+    trainable: str = "all"  # all | image | text | projections | last:N
+    grad_checkpointing: bool = False
+    # Fix the logit scale (e.g. 100, as CLIP converges to); None keeps it learnable (clamped at 100).
+    fixed_logit_scale: float | None = None
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # None: the generated default set
+    val: str | None = None  # None: the default set's val split, or a held-out share of `train`
+    format: str = "auto"
+    image_root: str | None = None
+    csv_separator: str | None = None
+    image_column: str = "filepath"
+    caption_column: str = "title"
+    label_column: str = "label"
+    val_fraction: float = 0.05  # share of train images held out when no `val` is given
+    val_max_images: int = 500  # guard evaluation cost cap
+    on_bad_sample: str = "skip"  # skip | fail
+    num_workers: int = -1  # -1: auto (1 on a 2-core machine, up to 8 on bigger ones)
+    synth_seed: int = 0
+    synth_train_images: int | None = None  # None: the full generated train split
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    accum_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 128  # per process; the global batch is batch_size × world size
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | amp | amp_bf16 (amp only on CUDA)
+    out: str = "runs/default"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    guard_every: int = 100
+    guard: bool = True
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+
+@dataclass
+class FitConfig:
+    alpha_target: float = 0.5
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: CMAConfig = field(default_factory=CMAConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    scheduler: GradSchedulerConfig = field(default_factory=GradSchedulerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "FitConfig":
+        if self.alpha_target < 0:
+            raise ValueError(f"alpha_target must be >= 0, got {self.alpha_target}")
+        if self.train.steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {self.train.steps}")
+        if self.train.batch_size < 2:
+            raise ValueError(f"train.batch_size must be >= 2 (contrastive needs negatives), got {self.train.batch_size}")
+        if self.data.on_bad_sample not in ("skip", "fail"):
+            raise ValueError(f"data.on_bad_sample must be 'skip' or 'fail', got '{self.data.on_bad_sample}'")
+        if self.optim.accum_steps < 1:
+            raise ValueError(f"optim.accum_steps must be >= 1, got {self.optim.accum_steps}")
+        if self.train.precision not in ("auto", "fp32", "amp", "amp_bf16"):
+            raise ValueError(f"train.precision must be auto|fp32|amp|amp_bf16, got '{self.train.precision}'")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Identity of what is trained (output location and run-time knobs excluded)."""
+        d = self.to_dict()
+        for k in ("out", "checkpoint_every", "keep_checkpoints", "guard_every", "threads", "device"):
+            d["train"].pop(k, None)
+        d["data"].pop("num_workers", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _coerce(value: Any, current: Any, hint: Any, key: str) -> Any:
+    if isinstance(current, tuple) or (isinstance(hint, str) and hint.startswith("tuple")):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        return tuple(float(v) for v in value)
+    if isinstance(value, str) and not isinstance(current, str):
+        if isinstance(current, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"config key '{key}' expects true/false, got '{value}'")
+        if value.lower() in ("none", "null", ""):
+            return None
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float) or (current is None and "float" in str(hint)):
+            return float(value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def apply_overrides(cfg: FitConfig, overrides: dict[str, Any]) -> FitConfig:
+    """Set dotted keys (``"train.steps"``, ``"alpha_target"``); unknown keys are an error."""
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        target: Any = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not dataclasses.is_dataclass(target) or not hasattr(target, p):
+                raise KeyError(f"unknown config section '{p}' in '{key}'")
+            target = getattr(target, p)
+        leaf = parts[-1]
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if leaf not in fields:
+            raise KeyError(f"unknown config key '{key}'; valid keys here: {', '.join(fields)}")
+        if dataclasses.is_dataclass(getattr(target, leaf)):
+            raise KeyError(f"'{key}' is a section, set its keys (e.g. '{key}.{next(iter(fields))}')")
+        setattr(target, leaf, _coerce(value, getattr(target, leaf), fields[leaf].type, key))
+    for section in (cfg.loss, cfg.curriculum, cfg.scheduler):
+        section.__post_init__()
+    return cfg
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FitConfig:
+    cfg = FitConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML: {e}") from e
+        try:
+            apply_overrides(cfg, _flatten(data))
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+    apply_overrides(cfg, overrides or {})
+    return cfg.validate()
+
+
+def to_toml(cfg: FitConfig) -> str:
+    import tomli_w
+
+    def drop_none(d):
+        return {k: drop_none(v) if isinstance(v, dict) else (list(v) if isinstance(v, tuple) else v)
+                for k, v in d.items() if v is not None}
+
+    return tomli_w.dumps(drop_none(cfg.to_dict()))

@@ -1,0 +1,561 @@
+"""`cmalign fit`: TPC-CMA fine-tuning of an open_clip model, as a library function.
+
+open_clip's trainer has no hook for a custom loss, so the loop is written here on open_clip's
+library API (``create_model_and_transforms``, ``get_tokenizer``, ``ClipLoss``), in the shape of
+its trainer: AdamW with its parameter groups, warm-up + cosine lr, accumulation, clipping, AMP,
+DDP. What it adds is the TPC-CMA step (:class:`TPCCMAStep`), the curriculum, a guard evaluation,
+and a run directory that can be resumed exactly::
+
+    RUN/config.toml            resolved config
+    RUN/metrics.jsonl          one row per step (losses, α, scheduler decisions, lr) + guard rows
+    RUN/bad_samples.jsonl      skipped samples: source, field, reason
+    RUN/checkpoints/step_*.pt  resume state, written atomically
+    RUN/model/                 open_clip local-dir layout: create_model_and_transforms("local-dir:RUN/model")
+    RUN/summary.json           gaps and guard figures before/after
+    RUN/manifest.json          what made this run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import cmalign
+from cmalign.atomic import atomic_write, write_json
+from cmalign.config import FitConfig, to_toml
+from cmalign.curriculum import alpha_at
+from cmalign.data.pairs import PairDataset, ResumableBatchSampler, collate_pairs
+from cmalign.data.sources import load_splits
+from cmalign.grad_scheduler import Decision, GradScheduler
+from cmalign.guard import GuardSet, guard_metrics
+from cmalign.losses import CMALoss
+from cmalign.models import load_model, param_groups, save_local_dir, select_trainable
+
+log = logging.getLogger("cmalign.fit")
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradients became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+
+class RunDirectoryError(RuntimeError):
+    pass
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    model_dir: Path
+    steps: int
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    skipped_samples: int = 0
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- environment
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def init_distributed(device_kind: str) -> DistEnv:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, env: DistEnv) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {name} asked for, but torch sees no CUDA device")
+        if name == "cuda":
+            name = f"cuda:{env.local_rank}"
+        torch.cuda.set_device(torch.device(name))
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """(autocast context factory, GradScaler or None); AMP only on CUDA, bf16 by default there."""
+    if precision == "auto":
+        precision = "amp_bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return (lambda: nullcontext()), None, "fp32"
+    if device.type != "cuda":
+        raise ValueError(f"precision '{precision}' needs a CUDA device; use fp32 on {device}")
+    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler, precision
+
+
+def lr_at(step: int, cfg: FitConfig) -> float:
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    span = max(1, cfg.train.steps - o.warmup_steps)
+    u = min(1.0, (step - o.warmup_steps) / span)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * u)))
+
+
+# --------------------------------------------------------------------------- the step
+
+
+class TPCCMAStep:
+    """Forward, losses, gradient-aware combination, backward — for one micro-batch."""
+
+    def __init__(self, model, loss: CMALoss, scheduler: GradScheduler, world_size: int = 1):
+        self.model, self.loss, self.scheduler, self.world_size = model, loss, scheduler, world_size
+
+    def _global_sums(self, g_clip, g_cma) -> tuple[float, float, float]:
+        sums = torch.stack([
+            sum((a.float() * b.float()).sum() for a, b in zip(g_clip, g_cma)),
+            sum((a.float() ** 2).sum() for a in g_clip),
+            sum((b.float() ** 2).sum() for b in g_cma),
+        ]).double()
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+        dot, clip_sq, cma_sq = sums.tolist()
+        return dot, clip_sq, cma_sq
+
+    def __call__(self, images, tokens, alpha: float, autocast, scaler=None, grad_div: float = 1.0):
+        with autocast():
+            out = self.model(images, tokens)
+        fi, ft, ls = out[0], out[1], out[2]
+        losses = self.loss(fi.float(), ft.float(), ls.float(), alpha)
+        total = losses["total"]
+        if not torch.isfinite(total):
+            raise TrainingDiverged(f"loss is {total.item()} (clip {losses['clip'].item():.4g}, "
+                                   f"cma {losses['cma'].item():.4g})")
+        scale = scaler.get_scale() if scaler is not None else 1.0
+        if alpha == 0 or self.scheduler.cfg.mode == "off":
+            (total * scale / grad_div).backward()
+            d = Decision(alpha=alpha, alpha_eff=alpha)
+        else:
+            g_clip = torch.autograd.grad(losses["clip"] * scale, [fi, ft, ls], retain_graph=True)
+            g_cma = torch.autograd.grad(losses["cma"] * scale, [fi, ft], retain_graph=True)
+            dot, clip_sq, cma_sq = self._global_sums(g_clip[:2], g_cma)
+            d = self.scheduler.decide(dot, clip_sq, cma_sq, alpha)
+            g = self.scheduler.combine(list(g_clip[:2]), list(g_cma), d, dot, clip_sq)
+            torch.autograd.backward([fi, ft, ls], [g[0] / grad_div, g[1] / grad_div, g_clip[2] / grad_div])
+        row = {k: float(v.detach()) for k, v in losses.items()}
+        row["total"] = row["clip"] + d.alpha_eff * row["cma"]
+        return row, d
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.ckpt_dir = self.path / "checkpoints"
+        self.model_dir = self.path / "model"
+        self.metrics = self.path / "metrics.jsonl"
+        self.bad = self.path / "bad_samples.jsonl"
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.ckpt_dir.glob("step_*.pt"))
+
+    def has_run(self) -> bool:
+        return bool(self.checkpoints()) or (self.model_dir / "open_clip_config.json").exists()
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Drop log rows past the checkpoint we resume from (they will be written again)."""
+        if not self.metrics.exists():
+            return
+        keep = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= last_step:
+                    keep.append(line)
+            except json.JSONDecodeError:  # a torn last line from a kill
+                break
+        with atomic_write(self.metrics) as f:
+            f.write("".join(x + "\n" for x in keep))
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run: RunDir, step: int, model, optimizer, scaler, scheduler: GradScheduler,
+                    bad_seen: set, cfg: FitConfig, keep: int) -> Path:
+    path = run.ckpt_dir / f"step_{step:08d}.pt"
+    state = {
+        "step": step,
+        "model": getattr(model, "module", model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "grad_scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+        "bad_seen": sorted(bad_seen),
+        "config_hash": cfg.hash(),
+        "cmalign_version": cmalign.__version__,
+    }
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
+    for old in run.checkpoints()[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint_state(run: RunDir) -> dict | None:
+    for path in reversed(run.checkpoints()):
+        try:
+            # Our own file: it holds numpy RNG state and Python objects, so not weights_only.
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a checkpoint torn by a crash mid-write cannot exist (atomic), but be safe
+            log.warning("cannot read checkpoint %s (%s); trying an older one", path, e)
+    return None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _resolve_pretrained(cfg: FitConfig, env: DistEnv, console) -> str | None:
+    from cmalign.base_model import BASE_TAG, ensure_base_model
+    from cmalign.models import TINY_MODEL
+
+    p = cfg.model.pretrained
+    if p is None and cfg.model.name == TINY_MODEL:
+        p = BASE_TAG
+    if p == BASE_TAG:
+        if cfg.model.name != TINY_MODEL:
+            raise ValueError(f"--pretrained {BASE_TAG} is the embedded base of {TINY_MODEL}, not of {cfg.model.name}")
+        if env.main:
+            path = ensure_base_model(console=console)
+        env.barrier()
+        path = ensure_base_model(console=None)
+        return str(path / "open_clip_model.safetensors")
+    if p in (None, "random"):
+        if p is None and not cfg.model.name.startswith(("local-dir:", "hf-hub:")):
+            log.warning("no --pretrained given for %s: starting from random weights. TPC-CMA is meant to "
+                        "fine-tune a pretrained CLIP; pass a tag or a checkpoint file.", cfg.model.name)
+        return None
+    return p
+
+
+def _num_workers(cfg: FitConfig) -> int:
+    if cfg.data.num_workers >= 0:
+        return cfg.data.num_workers
+    cpus = os.cpu_count() or 1
+    return 1 if cpus <= 2 else min(8, cpus - 1)  # one worker still overlaps decoding with compute
+
+
+def _write_bad(run: RunDir, bad: list[dict], bad_seen: set) -> int:
+    new = [b for b in bad if b["source"] not in bad_seen]
+    if new:
+        with open(run.bad, "a") as f:
+            for b in new:
+                bad_seen.add(b["source"])
+                f.write(json.dumps(b) + "\n")
+    return len(new)
+
+
+def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool = True) -> FitResult:
+    """Fine-tune ``cfg.model`` with TPC-CMA into ``cfg.train.out``; see the module docstring."""
+    from rich.console import Console
+
+    cfg.validate()
+    console = console or Console(stderr=True)
+    t_start = time.time()
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    device_kind = "cuda" if cfg.train.device.startswith("cuda") or (
+        cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
+    env = init_distributed(device_kind)
+    device = resolve_device(cfg.train.device, env)
+    autocast, scaler, precision = autocast_for(device, cfg.train.precision)
+    run = RunDir(cfg.train.out)
+
+    state = None
+    if resume:
+        state = load_checkpoint_state(run)
+        if state is None:
+            raise RunDirectoryError(f"--resume: no checkpoint found in {run.ckpt_dir}")
+        if state["config_hash"] != cfg.hash():
+            raise RunDirectoryError(
+                f"--resume: the config differs from the one {run.path} was started with "
+                f"(hash {cfg.hash()} vs {state['config_hash']}); resume with the run's own config.toml")
+    elif run.has_run():
+        raise RunDirectoryError(f"{run.path} already holds a run; pass --resume to continue it, "
+                                "or choose another --out")
+
+    # Data first: schema problems must surface before any model is built or trained.
+    splits = load_splits(cfg.data)
+    if env.main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        with atomic_write(run.path / "config.toml") as f:
+            f.write(to_toml(cfg))
+    if splits.skipped and cfg.data.on_bad_sample == "fail":
+        b = splits.skipped[0]
+        from cmalign.data.records import BadSampleError
+
+        raise BadSampleError(f"{b.source}: field '{b.field}': {b.reason} "
+                             f"({len(splits.skipped)} bad samples; --on-bad-sample skip would skip them)")
+
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+
+    pretrained = _resolve_pretrained(cfg, env, console)
+    loaded = load_model(cfg.model.name, pretrained, device=device)
+    model = loaded.model
+    counts = select_trainable(model, cfg.model.trainable)
+    if cfg.model.fixed_logit_scale is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(cfg.model.fixed_logit_scale))
+        model.logit_scale.requires_grad_(False)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+
+    groups = param_groups(model, cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  eps=cfg.optim.eps)
+    scheduler = GradScheduler(cfg.scheduler)
+    bad_seen: set[str] = set()
+    start_step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        scheduler.load_state_dict(state["grad_scheduler"])
+        bad_seen = set(state["bad_seen"])
+        start_step = state["step"]
+        _set_rng_state(state["rng"])
+        if env.main:
+            run.truncate_metrics(start_step)
+    elif env.main:
+        run.metrics.unlink(missing_ok=True)
+        run.bad.unlink(missing_ok=True)
+    if env.main and splits.skipped:
+        _write_bad(run, [b.to_dict() for b in splits.skipped], bad_seen)
+
+    train_model = model
+    if env.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = CMALoss(cfg.loss, rank=env.rank, world_size=env.world_size)
+    step_fn = TPCCMAStep(train_model, loss_fn, scheduler, env.world_size)
+
+    accum = cfg.optim.accum_steps
+    dataset = PairDataset(splits.train, loaded.preprocess_train, loaded.tokenizer, seed=cfg.train.seed,
+                          on_bad_sample=cfg.data.on_bad_sample)
+    sampler = ResumableBatchSampler(len(dataset), cfg.train.batch_size, seed=cfg.train.seed, rank=env.rank,
+                                    world_size=env.world_size, start=start_step * accum,
+                                    total=cfg.train.steps * accum)
+    workers = _num_workers(cfg)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                         collate_fn=collate_pairs, pin_memory=device.type == "cuda",
+                                         persistent_workers=False)
+
+    guard = GuardSet.from_records(splits.val, splits.class_templates, cfg.data.val_max_images)
+    ac = autocast()
+
+    def run_guard(full: bool) -> dict:
+        m = guard_metrics(model, guard, loaded.preprocess_val, loaded.tokenizer, device, full=full, autocast=ac)
+        model.train()
+        return m
+
+    before = {}
+    summary_path = run.path / "summary.json"
+    if env.main:
+        if state is not None and summary_path.exists():
+            before = json.loads(summary_path.read_text()).get("before", {})
+        else:
+            before = run_guard(full=True)
+            write_json(summary_path, {"before": before})
+    env.barrier()
+
+    if env.main:
+        _print_start(console, cfg, loaded, counts, splits, guard, device, precision, env, workers, start_step)
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    last_guard: dict = {}
+    metrics_f = open(run.metrics, "a", buffering=1) if env.main else None
+    progress = _make_progress(console, show_progress and env.main)
+    task = progress.add_task("fit", total=cfg.train.steps, completed=start_step, info="")
+    data_iter = iter(loader)
+    step = start_step
+    last_ckpt = run.checkpoints()[-1] if run.checkpoints() else None
+    try:
+        with progress:
+            while step < cfg.train.steps:
+                t0 = time.time()
+                alpha, phase = alpha_at(step, cfg.train.steps, cfg.alpha_target, cfg.curriculum)
+                rows, decisions = [], []
+                for _ in range(accum):
+                    images, tokens, bad = next(data_iter)
+                    if bad and env.main:
+                        _write_bad(run, bad, bad_seen)
+                    images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+                    try:
+                        row, d = step_fn(images, tokens, alpha, autocast, scaler, grad_div=accum)
+                    except TrainingDiverged as e:
+                        raise TrainingDiverged(f"step {step}: {e}. Stopped; last good checkpoint: "
+                                               f"{last_ckpt or 'none (no checkpoint written yet)'}. "
+                                               "Try a lower --lr or --alpha-target.") from None
+                    rows.append(row)
+                    decisions.append(d)
+                lr_scale = min(d.lr_scale for d in decisions)
+                lr = lr_at(step, cfg) * lr_scale
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if cfg.optim.grad_clip > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+                else:
+                    grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                if not math.isfinite(grad_norm) and scaler is None:
+                    raise TrainingDiverged(f"step {step}: gradient norm is {grad_norm}. Stopped; last good "
+                                           f"checkpoint: {last_ckpt or 'none'}. Try a lower --lr.")
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+                step += 1
+
+                entry = {"step": step, "kind": "train", "phase": phase, "lr": lr, "grad_norm": grad_norm,
+                         "logit_scale": float(model.logit_scale.exp()), "seconds": time.time() - t0}
+                for k in rows[0]:
+                    entry[k] = sum(r[k] for r in rows) / len(rows)
+                dlog = [d.to_log() for d in decisions]
+                for k in dlog[0]:
+                    vals = [x[k] for x in dlog]
+                    entry[k] = any(vals) if isinstance(vals[0], bool) else sum(vals) / len(vals)
+                entry["lr_scale"] = lr_scale
+                if metrics_f:
+                    metrics_f.write(json.dumps(entry) + "\n")
+
+                if cfg.train.guard and cfg.train.guard_every > 0 and step % cfg.train.guard_every == 0 \
+                        and step < cfg.train.steps:
+                    if env.main:
+                        last_guard = run_guard(full=False)
+                        metrics_f.write(json.dumps({"step": step, "kind": "guard", **last_guard}) + "\n")
+                    env.barrier()
+                if cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0 \
+                        and step < cfg.train.steps:
+                    if env.main:
+                        last_ckpt = save_checkpoint(run, step, model, optimizer, scaler, scheduler, bad_seen, cfg,
+                                                    cfg.train.keep_checkpoints)
+                    env.barrier()
+                info = f"loss {entry['total']:.3f}  α {entry['alpha_eff']:.3f}  phase {phase}"
+                if last_guard:
+                    info += f"  R@1 {last_guard['r1_t2i']:.2f}  gap {last_guard['raw']:.3f}"
+                progress.update(task, completed=step, info=info)
+    finally:
+        if metrics_f:
+            metrics_f.close()
+
+    result = FitResult(run_dir=run.path, model_dir=run.model_dir, steps=step, before=before,
+                       skipped_samples=len(bad_seen))
+    if env.main:
+        after = run_guard(full=True)
+        result.after = after
+        save_local_dir(model, loaded.model_cfg, loaded.preprocess_cfg, run.model_dir,
+                       extra={"alpha_target": cfg.alpha_target, "config_hash": cfg.hash(),
+                              "cmalign_version": cmalign.__version__})
+        write_json(summary_path, {"before": before, "after": after})
+        result.seconds = time.time() - t_start
+        write_json(run.path / "manifest.json", {
+            "kind": "cmalign-run",
+            "cmalign_version": cmalign.__version__,
+            "model": cfg.model.name,
+            "pretrained": pretrained,
+            "alpha_target": cfg.alpha_target,
+            "config_hash": cfg.hash(),
+            "steps": step,
+            "world_size": env.world_size,
+            "device": str(device),
+            "precision": precision,
+            "data": splits.description,
+            "train_samples": len(splits.train),
+            "val_images": len(guard.images),
+            "skipped_samples": len(bad_seen),
+            "trainable_parameters": counts["trainable"],
+            "total_parameters": counts["total"],
+            "seconds": round(result.seconds, 1),
+            "versions": {"torch": torch.__version__, "open_clip": _open_clip_version(),
+                         "python": sys.version.split()[0], "platform": platform.platform()},
+        })
+    env.barrier()
+    return result
+
+
+def _open_clip_version() -> str:
+    import open_clip
+
+    return getattr(open_clip, "__version__", "unknown")
+
+
+def _make_progress(console, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]fit"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                    console=console, disable=not enabled, transient=False)
+
+
+def _print_start(console, cfg, loaded, counts, splits, guard, device, precision, env, workers, start_step):
+    what = "resuming at step %d" % start_step if start_step else "starting"
+    console.print(
+        f"[bold]cmalign fit[/] {what}: model {cfg.model.name} "
+        f"({counts['trainable'] / 1e6:.2f}M of {counts['total'] / 1e6:.2f}M parameters train, "
+        f"trainable={cfg.model.trainable}), α_target {cfg.alpha_target}, {cfg.train.steps} steps × batch "
+        f"{cfg.train.batch_size}×{env.world_size}×{cfg.optim.accum_steps}, {device} {precision}, "
+        f"{workers} data workers\n  train {len(splits.train)} pairs ({splits.description.get('train')}), "
+        f"val {len(guard.images)} images / {len(guard.captions)} captions"
+        + (f", {len(splits.skipped)} samples skipped (see bad_samples.jsonl)" if splits.skipped else "")
+        + (f", {len(guard.dropped)} unreadable val images dropped" if guard.dropped else "")
+        + f"\n  run directory: {cfg.train.out}")
