@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,101 +27,101 @@ def _d(value) -> str:
 
 
 def fit_command(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (keys as in RUN/config.toml).",
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (keys as in RUN/config.toml).",
                                                    rich_help_panel="Config")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key, e.g. --set "
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key, e.g. --set "
                                                       "loss.mmd_bandwidths=0.5,1,2 (repeatable).",
                                                       rich_help_panel="Config")] = None,
     # data
-    data: Annotated[Optional[str], typer.Option("--data", help="Training data: CSV/TSV (filepath,title[,label]), "
+    data: Annotated[str | None, typer.Option("--data", help="Training data: CSV/TSV (filepath,title[,label]), "
                     "JSON lines, COCO captions JSON, a folder of foo.jpg+foo.txt, or WebDataset .tar shards "
                     "(a .tar, a folder of them, or a {0000..0009} pattern). (default: the generated set)",
                     rich_help_panel="Data")] = None,
-    val: Annotated[Optional[str], typer.Option("--val", help="Validation data, same formats. (default: the generated "
+    val: Annotated[str | None, typer.Option("--val", help="Validation data, same formats. (default: the generated "
                    f"val split, or {_D.data.val_fraction:.0%} of --data held out by image)",
                    rich_help_panel="Data")] = None,
-    data_format: Annotated[Optional[str], typer.Option("--format", help="auto|csv|tsv|jsonl|coco|folder|webdataset "
+    data_format: Annotated[str | None, typer.Option("--format", help="auto|csv|tsv|jsonl|coco|folder|webdataset "
                            f"{_d(_D.data.format)}", rich_help_panel="Data")] = None,
-    image_root: Annotated[Optional[str], typer.Option(help="Directory that relative image paths are under "
+    image_root: Annotated[str | None, typer.Option(help="Directory that relative image paths are under "
                           "(default: the data file's directory)", rich_help_panel="Data")] = None,
-    csv_separator: Annotated[Optional[str], typer.Option(help="CSV separator (default: tab for .tsv; sniffed "
+    csv_separator: Annotated[str | None, typer.Option(help="CSV separator (default: tab for .tsv; sniffed "
                              "between tab and comma for .csv)", rich_help_panel="Data")] = None,
-    image_column: Annotated[Optional[str], typer.Option(help=f"Image path column/field {_d(_D.data.image_column)}",
+    image_column: Annotated[str | None, typer.Option(help=f"Image path column/field {_d(_D.data.image_column)}",
                                                         rich_help_panel="Data")] = None,
-    caption_column: Annotated[Optional[str], typer.Option(help="Caption column/field "
+    caption_column: Annotated[str | None, typer.Option(help="Caption column/field "
                               f"{_d(_D.data.caption_column)}", rich_help_panel="Data")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="Optional class-name column/field, used for zero-shot "
+    label_column: Annotated[str | None, typer.Option(help="Optional class-name column/field, used for zero-shot "
                             f"and clustering {_d(_D.data.label_column)}", rich_help_panel="Data")] = None,
-    on_bad_sample: Annotated[Optional[str], typer.Option(help="skip: skip and list unreadable images/empty captions "
+    on_bad_sample: Annotated[str | None, typer.Option(help="skip: skip and list unreadable images/empty captions "
                              "in RUN/bad_samples.jsonl; fail: stop at the first one "
                              f"{_d(_D.data.on_bad_sample)}", rich_help_panel="Data")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data loader worker processes; -1 = auto "
+    workers: Annotated[int | None, typer.Option(help="Data loader worker processes; -1 = auto "
                        f"{_d(_D.data.num_workers)}", rich_help_panel="Data")] = None,
     # model
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="open_clip model name (ViT-B-32, ...), "
+    model: Annotated[str | None, typer.Option("--model", "-m", help="open_clip model name (ViT-B-32, ...), "
                      f"local-dir:PATH or hf-hub:ORG/REPO {_d(_D.model.name)}", rich_help_panel="Model")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="open_clip pretrained tag, or a checkpoint file "
+    pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag, or a checkpoint file "
                           "(.safetensors, or a torch state dict loaded with weights_only=True); 'random' for no "
                           "weights. (default: cmalign-base for cmalign-tiny, else random with a warning)",
                           rich_help_panel="Model")] = None,
-    trainable: Annotated[Optional[str], typer.Option(help="What trains: all | image | text | projections | last:N "
+    trainable: Annotated[str | None, typer.Option(help="What trains: all | image | text | projections | last:N "
                          f"(last N blocks of each tower) {_d(_D.model.trainable)}", rich_help_panel="Model")] = None,
-    grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing",
+    grad_checkpointing: Annotated[bool | None, typer.Option("--grad-checkpointing/--no-grad-checkpointing",
                                   help="Trade compute for activation memory (default: off)",
                                   rich_help_panel="Model")] = None,
     # method
-    alpha_target: Annotated[Optional[float], typer.Option(help="Final alignment weight α_target: higher closes "
+    alpha_target: Annotated[float | None, typer.Option(help="Final alignment weight α_target: higher closes "
                             "more of the gap at more zero-shot cost (paper: 0.05 conservative, 0.5 strong) "
                             f"{_d(_D.alpha_target)}", rich_help_panel="Method")] = None,
-    distribution: Annotated[Optional[str], typer.Option(help="Distribution term: mmd (unbiased multi-bandwidth "
+    distribution: Annotated[str | None, typer.Option(help="Distribution term: mmd (unbiased multi-bandwidth "
                             f"RBF MMD²) | coral | bures {_d(_D.loss.distribution)}",
                             rich_help_panel="Method")] = None,
-    lambda_centroid: Annotated[Optional[float], typer.Option(help="Weight λ_c of the squared centroid distance "
+    lambda_centroid: Annotated[float | None, typer.Option(help="Weight λ_c of the squared centroid distance "
                                f"{_d(_D.loss.lambda_centroid)}", rich_help_panel="Method")] = None,
-    lambda_distribution: Annotated[Optional[float], typer.Option(help="Weight λ_d of the distribution term "
+    lambda_distribution: Annotated[float | None, typer.Option(help="Weight λ_d of the distribution term "
                                    f"{_d(_D.loss.lambda_distribution)}", rich_help_panel="Method")] = None,
-    warmup_fraction: Annotated[Optional[float], typer.Option(help="Phase 1 (α=0) as a fraction of the steps "
+    warmup_fraction: Annotated[float | None, typer.Option(help="Phase 1 (α=0) as a fraction of the steps "
                                f"{_d(_D.curriculum.warmup_fraction)}", rich_help_panel="Method")] = None,
-    intro_fraction: Annotated[Optional[float], typer.Option(help="Phase 2 (α ramps to intro ratio × α_target) as "
+    intro_fraction: Annotated[float | None, typer.Option(help="Phase 2 (α ramps to intro ratio × α_target) as "
                               f"a fraction of the steps {_d(_D.curriculum.intro_fraction)}",
                               rich_help_panel="Method")] = None,
-    ramp: Annotated[Optional[str], typer.Option(help=f"Ramp shape: linear | cosine | step {_d(_D.curriculum.ramp)}",
+    ramp: Annotated[str | None, typer.Option(help=f"Ramp shape: linear | cosine | step {_d(_D.curriculum.ramp)}",
                                                 rich_help_panel="Method")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="Gradient-aware scheduler on conflicting gradients: "
+    scheduler: Annotated[str | None, typer.Option(help="Gradient-aware scheduler on conflicting gradients: "
                          "project (PCGrad) | lr (scale the step) | alpha (scale α) | off "
                          f"{_d(_D.scheduler.mode)}", rich_help_panel="Method")] = None,
-    max_ratio: Annotated[Optional[float], typer.Option(help="Cap of α·|∇CMA| / |∇clip| at the embeddings "
+    max_ratio: Annotated[float | None, typer.Option(help="Cap of α·|∇CMA| / |∇clip| at the embeddings "
                          f"{_d(_D.scheduler.max_ratio)}", rich_help_panel="Method")] = None,
     # optimisation
-    steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps {_d(_D.train.steps)}",
+    steps: Annotated[int | None, typer.Option(help=f"Optimizer steps {_d(_D.train.steps)}",
                                                  rich_help_panel="Training")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Pairs per process per micro-step "
+    batch_size: Annotated[int | None, typer.Option(help="Pairs per process per micro-step "
                           f"{_d(_D.train.batch_size)}", rich_help_panel="Training")] = None,
-    accum_steps: Annotated[Optional[int], typer.Option(help="Gradient accumulation micro-steps per step "
+    accum_steps: Annotated[int | None, typer.Option(help="Gradient accumulation micro-steps per step "
                            f"{_d(_D.optim.accum_steps)}", rich_help_panel="Training")] = None,
-    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate (AdamW) {_d(_D.optim.lr)}",
+    lr: Annotated[float | None, typer.Option(help=f"Peak learning rate (AdamW) {_d(_D.optim.lr)}",
                                                 rich_help_panel="Training")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (not on norms, biases, "
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (not on norms, biases, "
                             f"embeddings, logit scale) {_d(_D.optim.weight_decay)}",
                             rich_help_panel="Training")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear lr warm-up steps, then cosine decay "
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear lr warm-up steps, then cosine decay "
                             f"{_d(_D.optim.warmup_steps)}", rich_help_panel="Training")] = None,
-    grad_clip: Annotated[Optional[float], typer.Option(help="Max global gradient norm, 0 = off "
+    grad_clip: Annotated[float | None, typer.Option(help="Max global gradient norm, 0 = off "
                          f"{_d(_D.optim.grad_clip)}", rich_help_panel="Training")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto | fp32 | amp (fp16) | amp_bf16; auto = bf16 AMP on "
+    precision: Annotated[str | None, typer.Option(help="auto | fp32 | amp (fp16) | amp_bf16; auto = bf16 AMP on "
                          f"CUDA, fp32 on CPU {_d(_D.train.precision)}", rich_help_panel="Training")] = None,
-    device: Annotated[Optional[str], typer.Option(help=f"auto | cpu | cuda | cuda:N {_d(_D.train.device)}",
+    device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda | cuda:N {_d(_D.train.device)}",
                                                   rich_help_panel="Training")] = None,
-    seed: Annotated[Optional[int], typer.Option(help=f"Random seed {_d(_D.train.seed)}",
+    seed: Annotated[int | None, typer.Option(help=f"Random seed {_d(_D.train.seed)}",
                                                 rich_help_panel="Training")] = None,
     # run directory
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help=f"Run directory {_d(_D.train.out)}",
+    out: Annotated[str | None, typer.Option("--out", "-o", help=f"Run directory {_d(_D.train.out)}",
                                                rich_help_panel="Run")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint, with "
                       "its saved config.toml (flags given here still override).", rich_help_panel="Run")] = False,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Write a resume checkpoint every N steps, 0 = never "
+    checkpoint_every: Annotated[int | None, typer.Option(help="Write a resume checkpoint every N steps, 0 = never "
                                 f"{_d(_D.train.checkpoint_every)}", rich_help_panel="Run")] = None,
-    guard_every: Annotated[Optional[int], typer.Option(help="Guard evaluation (R@1, zero-shot, gaps) on the val split "
+    guard_every: Annotated[int | None, typer.Option(help="Guard evaluation (R@1, zero-shot, gaps) on the val split "
                            f"every N steps, 0 = only before/after {_d(_D.train.guard_every)}",
                            rich_help_panel="Run")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.",
@@ -166,7 +166,7 @@ def fit_command(
         result = fit(cfg, resume=resume, console=console, show_progress=not quiet)
     except (DataSchemaError, BadSampleError, RunDirectoryError, TrainingDiverged, FileNotFoundError,
             ValueError, KeyError) as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
         raise typer.Exit(code=2) from None
     if not quiet:
         print_summary(console, result)

@@ -6,10 +6,10 @@ import logging
 from typing import Annotated
 
 import typer
-
-import cmalign
 from cmalign.cli import data as data_cmd
 from cmalign.cli import fit as fit_cmd
+
+import cmalign
 
 app = typer.Typer(
     name="cmalign",
@@ -35,7 +35,8 @@ def _root(
                                           help="Print the version and exit.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
 ):
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
 
 
 def main():

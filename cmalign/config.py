@@ -99,13 +99,14 @@ class FitConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> "FitConfig":
+    def validate(self) -> FitConfig:
         if self.alpha_target < 0:
             raise ValueError(f"alpha_target must be >= 0, got {self.alpha_target}")
         if self.train.steps < 1:
             raise ValueError(f"train.steps must be >= 1, got {self.train.steps}")
         if self.train.batch_size < 2:
-            raise ValueError(f"train.batch_size must be >= 2 (contrastive needs negatives), got {self.train.batch_size}")
+            raise ValueError("train.batch_size must be >= 2 (contrastive needs negatives), "
+                             f"got {self.train.batch_size}")
         if self.data.on_bad_sample not in ("skip", "fail"):
             raise ValueError(f"data.on_bad_sample must be 'skip' or 'fail', got '{self.data.on_bad_sample}'")
         if self.optim.accum_steps < 1:
@@ -127,24 +128,30 @@ class FitConfig:
 
 
 def _coerce(value: Any, current: Any, hint: Any, key: str) -> Any:
-    if isinstance(current, tuple) or (isinstance(hint, str) and hint.startswith("tuple")):
+    """Turn a flag/--set string into the field's declared type (hints are strings: PEP 563)."""
+    hint = str(hint)
+    if hint.startswith("tuple"):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         return tuple(float(v) for v in value)
-    if isinstance(value, str) and not isinstance(current, str):
-        if isinstance(current, bool):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"config key '{key}' expects true/false, got '{value}'")
-        if value.lower() in ("none", "null", ""):
+    if isinstance(value, str):
+        if "None" in hint and value.lower() in ("none", "null", ""):
             return None
-        if isinstance(current, int):
-            return int(value)
-        if isinstance(current, float) or (current is None and "float" in str(hint)):
-            return float(value)
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        try:
+            if hint.startswith("bool"):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if hint.startswith("int"):
+                return int(value)
+            if hint.startswith("float"):
+                return float(value)
+        except ValueError:
+            raise ValueError(f"config key '{key}' expects {hint}, got '{value}'") from None
+        return value
+    if hint.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
 

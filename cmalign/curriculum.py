@@ -47,13 +47,16 @@ def _ramp(u: float, shape: str) -> float:
 def alpha_at(step: int, total_steps: int, alpha_target: float, cfg: CurriculumConfig) -> tuple[float, int]:
     """(α, phase) at optimizer step ``step`` (0-based) of a ``total_steps`` run; phase is 1, 2 or 3."""
     t = step / max(total_steps, 1)
+    tol = 1e-9  # phase boundaries are float sums (0.1 + 0.2 != 0.3)
     w_end = cfg.warmup_fraction
     i_end = w_end + cfg.intro_fraction
     intro_alpha = cfg.intro_alpha_ratio * alpha_target
-    if t < w_end:
+    if t < w_end - tol:
         return 0.0, 1
-    if t < i_end:
+    if t < i_end - tol:
         return intro_alpha * _ramp((t - w_end) / cfg.intro_fraction, cfg.ramp), 2
     full_len = (1.0 - i_end) * cfg.full_ramp_fraction
     u = 1.0 if full_len <= 0 else (t - i_end) / full_len
-    return intro_alpha + (alpha_target - intro_alpha) * _ramp(u, cfg.ramp), 3
+    if u >= 1.0 - tol:
+        return alpha_target, 3
+    return min(alpha_target, intro_alpha + (alpha_target - intro_alpha) * _ramp(u, cfg.ramp)), 3

@@ -46,6 +46,8 @@ from cmalign.models import load_model, param_groups, save_local_dir, select_trai
 
 log = logging.getLogger("cmalign.fit")
 LOGIT_SCALE_MAX = math.log(100.0)
+# Test hook: SIGKILL this process right after this optimizer step (a real kill -9 at a reproducible point).
+_FAULT_KILL_AT_STEP = int(os.environ.get("CMALIGN_FAULT_KILL_AT_STEP", "0"))
 
 
 class TrainingDiverged(RuntimeError):
@@ -140,7 +142,7 @@ class TPCCMAStep:
 
     def _global_sums(self, g_clip, g_cma) -> tuple[float, float, float]:
         sums = torch.stack([
-            sum((a.float() * b.float()).sum() for a, b in zip(g_clip, g_cma)),
+            sum((a.float() * b.float()).sum() for a, b in zip(g_clip, g_cma, strict=False)),
             sum((a.float() ** 2).sum() for a in g_clip),
             sum((b.float() ** 2).sum() for b in g_cma),
         ]).double()
@@ -419,6 +421,8 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
     last_guard: dict = {}
     metrics_f = open(run.metrics, "a", buffering=1) if env.main else None
     progress = _make_progress(console, show_progress and env.main)
+    # Without a terminal (CI logs, nohup) the bar cannot redraw: print a plain line every 5 %.
+    plain_every = max(1, cfg.train.steps // 20) if show_progress and not console.is_terminal else 0
     task = progress.add_task("fit", total=cfg.train.steps, completed=start_step, info="")
     data_iter = iter(loader)
     step = start_step
@@ -464,6 +468,8 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
                 with torch.no_grad():
                     model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
                 step += 1
+                if step == _FAULT_KILL_AT_STEP:  # fault injection for the kill -9 resume test
+                    os.kill(os.getpid(), 9)
 
                 entry = {"step": step, "kind": "train", "phase": phase, "lr": lr, "grad_norm": grad_norm,
                          "logit_scale": float(model.logit_scale.exp()), "seconds": time.time() - t0}
@@ -472,7 +478,11 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
                 dlog = [d.to_log() for d in decisions]
                 for k in dlog[0]:
                     vals = [x[k] for x in dlog]
-                    entry[k] = any(vals) if isinstance(vals[0], bool) else sum(vals) / len(vals)
+                    if isinstance(vals[0], bool):
+                        entry[k] = any(vals)
+                    else:
+                        vals = [v for v in vals if v is not None]
+                        entry[k] = sum(vals) / len(vals) if vals else None
                 entry["lr_scale"] = lr_scale
                 if metrics_f:
                     metrics_f.write(json.dumps(entry) + "\n")
@@ -493,6 +503,8 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
                 if last_guard:
                     info += f"  R@1 {last_guard['r1_t2i']:.2f}  gap {last_guard['raw']:.3f}"
                 progress.update(task, completed=step, info=info)
+                if plain_every and env.main and (step % plain_every == 0 or step == cfg.train.steps):
+                    console.print(f"step {step}/{cfg.train.steps}  {info}", highlight=False)
     finally:
         if metrics_f:
             metrics_f.close()
@@ -539,8 +551,14 @@ def _open_clip_version() -> str:
 
 
 def _make_progress(console, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("[bold]fit"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -548,7 +566,7 @@ def _make_progress(console, enabled: bool):
 
 
 def _print_start(console, cfg, loaded, counts, splits, guard, device, precision, env, workers, start_step):
-    what = "resuming at step %d" % start_step if start_step else "starting"
+    what = f"resuming at step {start_step}" if start_step else "starting"
     console.print(
         f"[bold]cmalign fit[/] {what}: model {cfg.model.name} "
         f"({counts['trainable'] / 1e6:.2f}M of {counts['total'] / 1e6:.2f}M parameters train, "

@@ -42,8 +42,8 @@ class GradSchedulerConfig:
 
 @dataclass
 class Decision:
-    cos: float = float("nan")
-    ratio: float = float("nan")
+    cos: float | None = None  # None: not measured this step (α = 0 or mode off)
+    ratio: float | None = None
     alpha: float = 0.0
     alpha_eff: float = 0.0
     lr_scale: float = 1.0
@@ -66,7 +66,9 @@ class GradScheduler:
         """The rule, on global (all-rank) sums: <g_c, g_a>, |g_c|², |g_a|²."""
         d = Decision(alpha=alpha, alpha_eff=alpha)
         n_c, n_a = clip_sq**0.5, cma_sq**0.5
-        if n_c == 0 or n_a == 0 or alpha == 0:
+        if alpha == 0:
+            return d  # nothing to weigh: cos/ratio stay None ("not measured")
+        if n_c == 0 or n_a == 0:
             d.cos, d.ratio = 0.0, 0.0
             return d
         d.cos = dot / (n_c * n_a)
@@ -90,7 +92,7 @@ class GradScheduler:
                 dot: float, clip_sq: float) -> list[torch.Tensor]:
         """Embedding gradient to push through the towers: g_c + α_eff · (g_a − projection)."""
         coef = dot / clip_sq if d.projected and clip_sq > 0 else 0.0
-        return [gc + d.alpha_eff * (ga - coef * gc) for gc, ga in zip(g_clip, g_cma)]
+        return [gc + d.alpha_eff * (ga - coef * gc) for gc, ga in zip(g_clip, g_cma, strict=False)]
 
     def state_dict(self) -> dict:
         return {"steps_seen": self.steps_seen, "conflicts": self.conflicts, "caps": self.caps}

@@ -29,7 +29,7 @@ class GuardSet:
     dropped: list[str]  # sources of validation images that could not be read
 
     @classmethod
-    def from_records(cls, records: list[Record], class_templates, max_images: int = 500) -> "GuardSet":
+    def from_records(cls, records: list[Record], class_templates, max_images: int = 500) -> GuardSet:
         """First ``max_images`` readable images of ``records`` with all their captions."""
         first: dict[str, int] = {}
         unreadable: set[str] = set()

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from open_clip.loss import ClipLoss
 
 DISTRIBUTION_TERMS = ("mmd", "coral", "bures")
@@ -43,7 +42,9 @@ def mmd2_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths=(0.5, 1.0, 2.0, 4.0)) 
     n, m = x.shape[0], y.shape[0]
     dxx, dyy, dxy = _sq_dists(x, x), _sq_dists(y, y), _sq_dists(x, y)
     with torch.no_grad():
-        pooled = torch.cat([dxx[~torch.eye(n, dtype=torch.bool, device=x.device)], dyy.flatten(), dxy.flatten()])
+        # Median heuristic over the distinct pairs (i < j) of the pooled sample, as cmalign.gap.mmd2 does.
+        pooled = torch.cat([dxx[torch.triu_indices(n, n, 1, device=x.device).unbind()],
+                            dyy[torch.triu_indices(m, m, 1, device=x.device).unbind()], dxy.flatten()])
         sigma2 = pooled.sqrt().median().clamp_min(1e-6) ** 2
     kxx = kyy = kxy = 0
     for mult in bandwidths:

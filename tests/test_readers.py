@@ -372,7 +372,7 @@ def test_records_are_picklable_for_dataloader_workers(tmp_path: Path) -> None:
     records = read_dataset(f).records + read_dataset(write_shards(tmp_path / "shards")[0]).records
     restored = pickle.loads(pickle.dumps(records))
     assert restored == records
-    for before, after in zip(records, restored):
+    for before, after in zip(records, restored, strict=False):
         assert load_image(after).tobytes() == load_image(before).tobytes()
 
 

@@ -189,7 +189,7 @@ def _is_brace_pattern(path: str) -> bool:
 
 
 def _dir_has_images(root: str) -> bool:
-    for dirpath, dirnames, filenames in os.walk(root):
+    for _dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         if any(_is_image_name(n) for n in filenames):
             return True
@@ -386,7 +386,7 @@ def _read_coco(path: str, image_root: str | None, check_files: bool) -> ReadResu
         _add_sample(
             result, exists, base, im["file_name"], [ann["caption"]], im["_label"], f"{path}:annotation {i}"
         )
-    for image_id, im in images.items():
+    for image_id in images:
         if image_id not in captioned:
             result.skipped.append(BadSample(f"{path}:image {image_id}", "caption", "no caption annotation"))
     return result

@@ -1,0 +1,27 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never write to the user's cache: one shared cache per test session (CI sets its own).
+os.environ.setdefault("CMALIGN_CACHE", str(Path(__file__).resolve().parent.parent / ".cache-test"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run tests marked slow (real-size backbones)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: needs --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+# Small, fast settings for fits that test mechanics (not quality): random init, tiny data.
+FAST_FIT = [
+    "--pretrained", "random", "--batch-size", "16", "--workers", "0", "--guard-every", "0",
+    "--set", "data.synth_train_images=64", "--set", "data.val_max_images=16", "--quiet",
+]

@@ -1,0 +1,205 @@
+"""fit's configuration (cmalign.config): defaults, TOML files, dotted overrides, round trip, hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cmalign.config import FitConfig, apply_overrides, load_config, to_toml
+
+
+def write(tmp_path: Path, text: str, name: str = "cfg.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_validate() -> None:
+    cfg = FitConfig().validate()
+    assert cfg.alpha_target == 0.5
+    assert load_config().to_dict() == FitConfig().to_dict()
+
+
+def test_toml_sections_override_defaults(tmp_path: Path) -> None:
+    p = write(tmp_path, """
+alpha_target = 1
+[train]
+steps = 12
+batch_size = 4
+guard = false
+[loss]
+distribution = "coral"
+mmd_bandwidths = [1, 2.5]
+[curriculum]
+ramp = "cosine"
+[scheduler]
+mode = "lr"
+[model]
+fixed_logit_scale = 100.0
+[data]
+train = "data/train.csv"
+""")
+    cfg = load_config(p)
+    assert cfg.alpha_target == 1.0 and isinstance(cfg.alpha_target, float)
+    assert cfg.train.steps == 12 and cfg.train.batch_size == 4 and cfg.train.guard is False
+    assert cfg.loss.distribution == "coral"
+    assert cfg.loss.mmd_bandwidths == (1.0, 2.5)
+    assert cfg.curriculum.ramp == "cosine"
+    assert cfg.scheduler.mode == "lr"
+    assert cfg.model.fixed_logit_scale == 100.0
+    assert cfg.data.train == "data/train.csv"
+    # untouched keys keep their defaults
+    d = FitConfig()
+    assert cfg.optim == d.optim
+    assert cfg.train.seed == d.train.seed and cfg.model.name == d.model.name
+
+
+def test_overrides_apply_after_the_file(tmp_path: Path) -> None:
+    p = write(tmp_path, "[train]\nsteps = 12\n")
+    cfg = load_config(p, {"train.steps": "30", "train.out": None})
+    assert cfg.train.steps == 30
+    assert cfg.train.out == FitConfig().train.out  # a None override means "not given"
+
+
+def test_string_overrides_are_coerced() -> None:
+    cfg = load_config(None, {
+        "train.steps": "7",
+        "optim.lr": "1e-4",
+        "alpha_target": "0.25",
+        "optim.min_lr_ratio": "0",
+        "train.guard": "false",
+        "model.grad_checkpointing": "yes",
+        "data.val": "none",
+        "model.fixed_logit_scale": "100",
+        "loss.mmd_bandwidths": "0.5, 1,3",
+        "loss.distribution": "bures",
+        "curriculum.ramp": "step",
+        "scheduler.max_ratio": "2",
+    })
+    assert cfg.train.steps == 7 and type(cfg.train.steps) is int
+    assert cfg.optim.lr == 1e-4
+    assert cfg.alpha_target == 0.25
+    assert cfg.optim.min_lr_ratio == 0.0 and isinstance(cfg.optim.min_lr_ratio, float)
+    assert cfg.train.guard is False
+    assert cfg.model.grad_checkpointing is True
+    assert cfg.data.val is None
+    assert cfg.model.fixed_logit_scale == 100.0 and isinstance(cfg.model.fixed_logit_scale, float)
+    assert cfg.loss.mmd_bandwidths == (0.5, 1.0, 3.0)
+    assert cfg.loss.distribution == "bures"
+    assert cfg.curriculum.ramp == "step"
+    assert cfg.scheduler.max_ratio == 2.0
+
+
+def test_string_none_clears_an_optional_field() -> None:
+    cfg = load_config(None, {"model.fixed_logit_scale": "100"})
+    cfg = apply_overrides(cfg, {"model.fixed_logit_scale": "None"})
+    assert cfg.model.fixed_logit_scale is None
+
+
+def test_string_override_of_optional_int_is_coerced() -> None:
+    cfg = load_config(None, {"data.synth_train_images": "50"})
+    assert cfg.data.synth_train_images == 50 and type(cfg.data.synth_train_images) is int
+    assert load_config(None, {"data.synth_train_images": "none"}).data.synth_train_images is None
+
+
+def test_bad_bool_string_raises_naming_the_key() -> None:
+    with pytest.raises(ValueError, match="train.guard"):
+        load_config(None, {"train.guard": "maybe"})
+
+
+def test_bad_int_string_raises() -> None:
+    with pytest.raises(ValueError):
+        load_config(None, {"train.steps": "many"})
+
+
+@pytest.mark.parametrize("key", ["train.stepz", "alpha", "loss.nope"])
+def test_unknown_key_in_overrides_raises_naming_it(key: str) -> None:
+    with pytest.raises((KeyError, ValueError), match=key.replace(".", r"\.")):
+        load_config(None, {key: "1"})
+
+
+def test_unknown_section_raises_naming_it() -> None:
+    with pytest.raises((KeyError, ValueError), match="trian"):
+        load_config(None, {"trian.steps": "1"})
+
+
+def test_section_as_key_raises() -> None:
+    with pytest.raises((KeyError, ValueError), match="train"):
+        load_config(None, {"train": "1"})
+
+
+def test_unknown_key_in_file_raises_naming_file_and_key(tmp_path: Path) -> None:
+    p = write(tmp_path, "[train]\nsteps = 10\nbatchsize = 4\n")
+    with pytest.raises(ValueError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "batchsize" in str(e.value)
+
+
+def test_invalid_value_in_file_raises_naming_file(tmp_path: Path) -> None:
+    p = write(tmp_path, '[loss]\ndistribution = "kl"\n')
+    with pytest.raises(ValueError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "kl" in str(e.value)
+
+
+def test_invalid_toml_raises_naming_the_file(tmp_path: Path) -> None:
+    p = write(tmp_path, "[train\nsteps = = 3\n", name="broken.toml")
+    with pytest.raises(ValueError, match="broken.toml"):
+        load_config(p)
+
+
+def test_missing_file_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"alpha_target": "-1"}, "alpha_target"),
+    ({"train.steps": "0"}, "train.steps"),
+    ({"train.batch_size": "1"}, "batch_size"),
+    ({"data.on_bad_sample": "ignore"}, "on_bad_sample"),
+    ({"optim.accum_steps": "0"}, "accum_steps"),
+    ({"train.precision": "fp8"}, "precision"),
+    ({"scheduler.mode": "pcgrad"}, "mode"),
+    ({"curriculum.warmup_fraction": "1.5"}, "warmup_fraction"),
+])
+def test_invalid_values_raise(override: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        load_config(None, override)
+
+
+def _custom() -> FitConfig:
+    return load_config(None, {
+        "alpha_target": "0.8", "train.steps": "33", "train.out": "runs/x", "loss.mmd_bandwidths": "1,2",
+        "loss.distribution": "coral", "model.fixed_logit_scale": "50", "data.train": "a.csv",
+        "data.csv_separator": "\t", "curriculum.ramp": "cosine", "scheduler.mode": "alpha",
+        "optim.min_lr_ratio": "0.1", "model.trainable": "last:1",
+    })
+
+
+@pytest.mark.parametrize("make", [FitConfig, _custom])
+def test_to_toml_round_trip(tmp_path: Path, make) -> None:
+    cfg = make()
+    p = write(tmp_path, to_toml(cfg), name="config.toml")
+    back = load_config(p)
+    assert back.to_dict() == cfg.to_dict()
+    assert back.hash() == cfg.hash()
+    assert back == cfg
+
+
+def test_hash_ignores_run_time_knobs() -> None:
+    base = FitConfig().hash()
+    assert len(base) == 16
+    assert FitConfig().hash() == base  # deterministic
+    for key, value in [("train.out", "elsewhere"), ("train.checkpoint_every", "7"), ("train.keep_checkpoints", "5"),
+                       ("train.guard_every", "3"), ("train.threads", "2"), ("train.device", "cpu"),
+                       ("data.num_workers", "0")]:
+        assert load_config(None, {key: value}).hash() == base, key
+
+
+@pytest.mark.parametrize("key, value", [("alpha_target", "0.7"), ("train.steps", "401"), ("train.seed", "1"),
+                                        ("loss.distribution", "coral"), ("optim.lr", "1e-4"),
+                                        ("curriculum.ramp", "cosine"), ("loss.mmd_bandwidths", "1,2")])
+def test_hash_changes_with_what_is_trained(key: str, value: str) -> None:
+    assert load_config(None, {key: value}).hash() != FitConfig().hash()

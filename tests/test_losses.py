@@ -1,0 +1,247 @@
+"""The TPC-CMA objective (cmalign.losses): its distribution terms and how CMALoss assembles them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from open_clip.loss import ClipLoss
+
+from cmalign import gap
+from cmalign.losses import CMAConfig, CMALoss, bures2, coral, mmd2_rbf
+
+BANDWIDTHS = (0.5, 1.0, 2.0, 4.0)
+
+
+def centred(a: np.ndarray) -> np.ndarray:
+    return a - a.mean(axis=0)
+
+
+def clouds(n: int = 40, d: int = 6, seed: int = 0, m: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Two centred clouds of different shape (anisotropic, rotated), float64."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) * np.linspace(0.5, 1.5, d)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    y = (rng.standard_normal((m or n, d)) * np.linspace(1.2, 0.3, d)) @ q + 0.3
+    return centred(x), centred(y)
+
+
+def ref_mmd2(x: np.ndarray, y: np.ndarray, sigma: float, mults=BANDWIDTHS) -> float:
+    """Unbiased multi-bandwidth RBF MMD² at a fixed σ, written out term by term."""
+    def k(a, b):
+        d2 = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+        return np.mean([np.exp(-d2 / (2 * (m * sigma) ** 2)) for m in mults], axis=0)
+
+    n, m = len(x), len(y)
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                 - 2 * kxy.mean())
+
+
+def torch_convention_sigma(x: np.ndarray, y: np.ndarray) -> float:
+    """σ as losses.mmd2_rbf picks it: the lower median (torch.median) of the distances over the distinct
+    pairs (i < j) of the pooled sample. gap.mmd2 uses np.median (mean of the two middle values) over the
+    same pairs, so the two agree up to that half-step.
+    """
+    z = np.concatenate([x, y])
+    d = np.sqrt(np.maximum(((z[:, None, :] - z[None, :, :]) ** 2).sum(-1), 0))
+    pooled = d[np.triu_indices(len(z), 1)]
+    return float(np.sort(pooled)[(len(pooled) - 1) // 2])
+
+
+# ------------------------------------------------------------------ MMD²
+
+
+def test_mmd2_rbf_matches_hand_written_unbiased_estimator() -> None:
+    x, y = clouds()
+    got = mmd2_rbf(torch.tensor(x), torch.tensor(y)).item()
+    assert got == pytest.approx(ref_mmd2(x, y, torch_convention_sigma(x, y)), abs=1e-9)
+
+
+def test_mmd2_rbf_honours_bandwidth_multipliers() -> None:
+    x, y = clouds(seed=3)
+    mults = (0.25, 3.0)
+    got = mmd2_rbf(torch.tensor(x), torch.tensor(y), mults).item()
+    assert got == pytest.approx(ref_mmd2(x, y, torch_convention_sigma(x, y), mults), abs=1e-9)
+    assert got != pytest.approx(mmd2_rbf(torch.tensor(x), torch.tensor(y)).item(), abs=1e-6)
+
+
+def test_mmd2_rbf_is_close_to_gap_mmd2_despite_bandwidth_convention() -> None:
+    # Same estimator; only the median-heuristic σ differs (see torch_convention_sigma), so the two agree
+    # to ~4e-5 here, not to 1e-6.
+    x, y = clouds(n=60, seed=1)
+    t = mmd2_rbf(torch.tensor(x), torch.tensor(y)).item()
+    g = gap.mmd2(x, y, normalize=False, center=False)
+    assert t == pytest.approx(g, abs=5e-4)
+    # with σ chosen the numpy way, the hand-written estimator reproduces gap.mmd2 exactly
+    pooled = np.concatenate([x, y])
+    iu = np.triu_indices(len(pooled), k=1)
+    d = np.sqrt(((pooled[:, None] - pooled[None]) ** 2).sum(-1))[iu]
+    assert ref_mmd2(x, y, float(np.median(d))) == pytest.approx(g, abs=1e-9)
+
+
+def test_mmd2_rbf_is_scale_invariant() -> None:
+    # the bandwidth follows the data's median distance, whatever its convention
+    x, y = clouds(seed=2)
+    a = mmd2_rbf(torch.tensor(x), torch.tensor(y)).item()
+    b = mmd2_rbf(torch.tensor(7.0 * x), torch.tensor(7.0 * y)).item()
+    assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
+
+
+def test_mmd2_rbf_symmetric_for_equal_sizes() -> None:
+    x, y = clouds(seed=4)
+    a = mmd2_rbf(torch.tensor(x), torch.tensor(y)).item()
+    b = mmd2_rbf(torch.tensor(y), torch.tensor(x)).item()
+    assert a == pytest.approx(b, abs=1e-12)
+
+
+def test_mmd2_rbf_symmetric_for_unequal_sizes() -> None:
+    x, y = clouds(n=6, m=20, seed=5)
+    a = mmd2_rbf(torch.tensor(x), torch.tensor(y)).item()
+    b = mmd2_rbf(torch.tensor(y), torch.tensor(x)).item()
+    assert a == pytest.approx(b, rel=1e-9)
+
+
+def test_mmd2_near_zero_for_one_distribution_and_positive_for_different_ones() -> None:
+    rng = np.random.default_rng(7)
+    n, d = 128, 4
+    x = torch.tensor(centred(rng.standard_normal((n, d))))
+    y = torch.tensor(centred(rng.standard_normal((n, d))))
+    z = torch.tensor(centred(rng.uniform(-1, 1, (n, d)) * np.array([3.0, 0.2, 0.2, 0.2])))
+    same = mmd2_rbf(x, y).item()
+    diff = mmd2_rbf(x, z).item()
+    assert abs(same) < 0.015
+    assert diff > 0.03
+    assert diff > 5 * abs(same)
+
+
+def test_mmd2_of_identical_samples_is_negative_small() -> None:
+    # unbiased: the cross term includes the diagonal, so identical samples give a small negative value
+    x, _ = clouds(n=30)
+    v = mmd2_rbf(torch.tensor(x), torch.tensor(x)).item()
+    assert -0.2 < v <= 0
+
+
+# ------------------------------------------------------------------ CORAL / Bures
+
+
+def test_coral_matches_gap_coral() -> None:
+    x, y = clouds()
+    got = coral(torch.tensor(x), torch.tensor(y)).item()
+    assert got == pytest.approx(gap.coral(x, y, normalize=False), rel=1e-10)
+    assert got > 0
+    assert coral(torch.tensor(x), torch.tensor(x)).item() == 0.0
+
+
+def test_bures2_matches_gap_bures_squared() -> None:
+    x, y = clouds()
+    got = bures2(torch.tensor(x), torch.tensor(y)).item()
+    ref = gap.bures(x, y, normalize=False) ** 2
+    assert got == pytest.approx(ref, rel=1e-4, abs=1e-4)
+    assert got > 0.1
+
+
+def test_bures2_float32_and_zero_for_same_cloud() -> None:
+    x, y = clouds()
+    b32 = bures2(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32))
+    assert b32.dtype == torch.float32
+    assert b32.item() == pytest.approx(gap.bures(x, y, normalize=False) ** 2, rel=1e-4, abs=1e-4)
+    assert bures2(torch.tensor(x), torch.tensor(x)).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_bures2_has_finite_gradients() -> None:
+    x, y = clouds()
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.tensor(y, requires_grad=True)
+    bures2(xt, yt).backward()
+    assert torch.isfinite(xt.grad).all() and torch.isfinite(yt.grad).all()
+    assert xt.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ CMALoss
+
+
+def features(n: int = 16, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g) + 1.0, dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(n, d, generator=g) - 0.5, dim=-1)
+    return x, y, torch.tensor(20.0)
+
+
+@pytest.mark.parametrize("dist", ["mmd", "coral", "bures"])
+def test_cma_loss_parts(dist: str) -> None:
+    x, y, scale = features()
+    cfg = CMAConfig(lambda_centroid=0.7, lambda_distribution=2.0, distribution=dist)
+    out = CMALoss(cfg)(x, y, scale, alpha=0.3)
+    assert set(out) == {"clip", "centroid2", "distribution", "cma", "total"}
+    assert out["centroid2"].item() == pytest.approx(float(((x.mean(0) - y.mean(0)) ** 2).sum()), rel=1e-6)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    term = {"mmd": mmd2_rbf, "coral": coral, "bures": bures2}[dist](xc, yc)
+    assert out["distribution"].item() == pytest.approx(term.item(), rel=1e-5, abs=1e-7)
+    assert out["cma"].item() == pytest.approx(0.7 * out["centroid2"].item() + 2.0 * out["distribution"].item(),
+                                              rel=1e-6)
+    assert out["total"].item() == pytest.approx(out["clip"].item() + 0.3 * out["cma"].item(), rel=1e-6)
+    assert out["centroid2"].item() > 0.1  # the fixture has a real gap
+
+
+def test_centroid_term_matches_gap_centroid_gap_squared() -> None:
+    x, y, scale = features(seed=3)
+    out = CMALoss()(x, y, scale)
+    ref = gap.centroid_gap(x.numpy(), y.numpy(), normalize=False) ** 2
+    assert out["centroid2"].item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_alpha_zero_total_is_open_clip_clip_loss_exactly() -> None:
+    x, y, scale = features(seed=1)
+    out = CMALoss()(x, y, scale, alpha=0.0)
+    expected = ClipLoss()(x, y, scale)
+    assert torch.equal(out["total"], expected)
+    assert torch.equal(out["clip"], expected)
+
+
+def test_clip_term_is_open_clip_clip_loss_at_any_alpha() -> None:
+    x, y, scale = features(seed=2)
+    out = CMALoss()(x, y, scale, alpha=2.0)
+    assert torch.allclose(out["clip"], ClipLoss()(x, y, scale))
+
+
+def test_alignment_is_zero_when_modalities_coincide() -> None:
+    x, _, scale = features()
+    out = CMALoss(CMAConfig(distribution="coral"))(x, x.clone(), scale, alpha=1.0)
+    assert out["centroid2"].item() == 0.0
+    assert out["cma"].item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("dist", ["mmd", "coral", "bures"])
+def test_gradients_flow_to_both_feature_tensors(dist: str) -> None:
+    x, y, scale = features()
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    scale.requires_grad_(True)
+    out = CMALoss(CMAConfig(distribution=dist))(x, y, scale, alpha=0.5)
+    out["total"].backward()
+    for t in (x, y):
+        assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+    assert scale.grad is not None
+
+    # and the alignment part on its own reaches both towers too
+    x2, y2 = x.detach().clone().requires_grad_(True), y.detach().clone().requires_grad_(True)
+    CMALoss(CMAConfig(distribution=dist))(x2, y2, scale.detach())["cma"].backward()
+    assert x2.grad.abs().sum() > 0 and y2.grad.abs().sum() > 0
+
+
+def test_centroid_gradient_pulls_the_means_together() -> None:
+    x, y, scale = features()
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    out = CMALoss(CMAConfig(lambda_distribution=0.0))(x, y, scale)
+    out["cma"].backward()
+    n = x.shape[0]
+    diff = (x.mean(0) - y.mean(0)).detach()
+    assert torch.allclose(x.grad, (2 * diff / n).expand_as(x), atol=1e-6)
+    assert torch.allclose(y.grad, (-2 * diff / n).expand_as(y), atol=1e-6)
+
+
+def test_invalid_distribution_name_raises() -> None:
+    with pytest.raises(ValueError, match="distribution"):
+        CMAConfig(distribution="kl")
