@@ -165,12 +165,16 @@ class TPCCMAStep:
             (total * scale / grad_div).backward()
             d = Decision(alpha=alpha, alpha_eff=alpha)
         else:
-            g_clip = torch.autograd.grad(losses["clip"] * scale, [fi, ft, ls], retain_graph=True)
-            g_cma = torch.autograd.grad(losses["cma"] * scale, [fi, ft], retain_graph=True)
-            dot, clip_sq, cma_sq = self._global_sums(g_clip[:2], g_cma)
+            # A frozen tower (or a fixed logit scale) gives outputs without grad: leave them out.
+            feats = [f for f in (fi, ft) if f.requires_grad]
+            outs = feats + ([ls] if ls.requires_grad else [])
+            g_clip = torch.autograd.grad(losses["clip"] * scale, outs, retain_graph=True)
+            g_cma = torch.autograd.grad(losses["cma"] * scale, feats, retain_graph=True)
+            k = len(feats)
+            dot, clip_sq, cma_sq = self._global_sums(g_clip[:k], g_cma)
             d = self.scheduler.decide(dot, clip_sq, cma_sq, alpha)
-            g = self.scheduler.combine(list(g_clip[:2]), list(g_cma), d, dot, clip_sq)
-            torch.autograd.backward([fi, ft, ls], [g[0] / grad_div, g[1] / grad_div, g_clip[2] / grad_div])
+            g = self.scheduler.combine(list(g_clip[:k]), list(g_cma), d, dot, clip_sq) + list(g_clip[k:])
+            torch.autograd.backward(outs, [x / grad_div for x in g])
         row = {k: float(v.detach()) for k, v in losses.items()}
         row["total"] = row["clip"] + d.alpha_eff * row["cma"]
         return row, d
@@ -288,12 +292,14 @@ def _num_workers(cfg: FitConfig) -> int:
 
 
 def _write_bad(run: RunDir, bad: list[dict], bad_seen: set) -> int:
-    new = [b for b in bad if b["source"] not in bad_seen]
+    new = []
+    for b in bad:
+        if b["source"] not in bad_seen:
+            bad_seen.add(b["source"])
+            new.append(b)
     if new:
         with open(run.bad, "a") as f:
-            for b in new:
-                bad_seen.add(b["source"])
-                f.write(json.dumps(b) + "\n")
+            f.writelines(json.dumps(b) + "\n" for b in new)
     return len(new)
 
 
@@ -472,7 +478,7 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
                     os.kill(os.getpid(), 9)
 
                 entry = {"step": step, "kind": "train", "phase": phase, "lr": lr, "grad_norm": grad_norm,
-                         "logit_scale": float(model.logit_scale.exp()), "seconds": time.time() - t0}
+                         "logit_scale": float(model.logit_scale.detach().exp()), "seconds": time.time() - t0}
                 for k in rows[0]:
                     entry[k] = sum(r[k] for r in rows) / len(rows)
                 dlog = [d.to_log() for d in decisions]

@@ -37,10 +37,10 @@ COLOURS = {
 BACKGROUNDS = {"black": (15, 15, 15), "gray": (115, 115, 115), "white": (240, 240, 240)}
 SIZES = ("small", "large")
 POSITIONS = {  # name -> centre as a fraction of the canvas
-    "top left": (0.28, 0.28),
-    "top right": (0.72, 0.28),
-    "bottom left": (0.28, 0.72),
-    "bottom right": (0.72, 0.72),
+    "top left": (0.3, 0.3),
+    "top right": (0.7, 0.3),
+    "bottom left": (0.3, 0.7),
+    "bottom right": (0.7, 0.7),
     "center": (0.5, 0.5),
 }
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
@@ -64,6 +64,8 @@ _SINGLE_TEMPLATES = (
     "a picture of a {size} {shape}, coloured {colour}, on {bg}",
     "a {bg} image with a {colour} {shape} placed {pos}",
     "one {shape} in {colour}, {size}, {pos}",
+    "a drawing of a {colour} {shape} on {bg}",
+    "a picture of a {shape}: {size}, {colour}, {pos}",
 )
 _MULTI_TEMPLATES = (
     "{count} {size} {colour} {shape}s on a {bg} background",
@@ -72,6 +74,8 @@ _MULTI_TEMPLATES = (
     "{count} {shape}s, all {colour} and {size}",
     "a group of {count} {size} {colour} {shape}s",
     "{count} {colour} {shape}s scattered on {bg}",
+    "a drawing of {count} {colour} {shape}s",
+    "a picture of {count} {size} {shape}s on {bg}",
 )
 
 
@@ -92,7 +96,7 @@ class Scene:
         s = RENDER_SIZE
         img = Image.new("RGB", (s, s), BACKGROUNDS[self.background])
         draw = ImageDraw.Draw(img)
-        radius = (0.20 if self.size == "large" else 0.11) * s * rng.uniform(0.9, 1.1)
+        radius = (0.22 if self.size == "large" else 0.15) * s * rng.uniform(0.92, 1.08)
         if self.count == 1:
             cx, cy = POSITIONS[self.position]
             centres = [(cx * s + rng.uniform(-2, 2), cy * s + rng.uniform(-2, 2))]

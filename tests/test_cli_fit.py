@@ -1,0 +1,172 @@
+"""`cmalign fit` and `cmalign data synth` through typer's CliRunner, on data a user writes by hand."""
+
+import csv
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from cmalign.cli.main import app
+from conftest import FAST_FIT
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+runner = CliRunner()
+MIX = {"stripes": (200, 30, 30), "dots": (30, 30, 200), "plain": (30, 160, 30)}
+
+
+def _user_images(root, n=40):
+    """Pictures unlike the generated set: patterns in three classes, with the class in the caption."""
+    rows = []
+    for i in range(n):
+        label = list(MIX)[i % 3]
+        img = Image.new("RGB", (48, 40), (230, 230, 230))
+        d = ImageDraw.Draw(img)
+        if label == "stripes":
+            for x in range(0, 48, 6):
+                d.rectangle([x, 0, x + 2, 40], fill=MIX[label])
+        elif label == "dots":
+            for k in range(6):
+                d.ellipse([5 + 6 * k, 5 + 4 * (i % 5), 9 + 6 * k, 9 + 4 * (i % 5)], fill=MIX[label])
+        else:
+            d.rectangle([4, 4, 44, 36], fill=tuple(int(c * (0.5 + (i % 4) / 8)) for c in MIX[label]))
+        name = f"img_{i:03d}.jpg"
+        img.save(root / name)
+        rows.append((name, f"photo {i} with {label}, shade {i % 4}", label))
+    return rows
+
+
+def _fit(tmp_path, *args):
+    return runner.invoke(app, ["fit", *FAST_FIT, "--steps", "3", "--out", str(tmp_path / "run"), *args])
+
+
+def test_fit_user_csv_with_labels_loads_in_open_clip(tmp_path):
+    rows = _user_images(tmp_path)
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "title", "label"])
+        w.writerows(rows)
+    res = _fit(tmp_path, "--data", str(tmp_path / "train.csv"), "--set", "data.val_fraction=0.25")
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["after"]["zeroshot_top1"] is not None  # labels reached the guard evaluation
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["data"]["train"].endswith("train.csv") and manifest["steps"] == 3
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run / 'model'}")
+    tok = open_clip.get_tokenizer(f"local-dir:{run / 'model'}")
+    with torch.no_grad():
+        e = model.encode_image(preprocess(Image.open(tmp_path / rows[0][0])).unsqueeze(0), normalize=True)
+        t = model.encode_text(tok(["photo"]), normalize=True)
+    assert e.shape == t.shape == (1, 128)
+    rows_log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_log if r["kind"] == "train"] == [1, 2, 3]
+    for key in ("clip", "cma", "alpha", "alpha_eff", "lr", "lr_scale", "grad_cos", "phase"):
+        assert key in rows_log[-1]
+
+
+def test_fit_user_jsonl(tmp_path):
+    rows = _user_images(tmp_path)
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for name, cap, label in rows:
+            f.write(json.dumps({"image": name, "caption": cap, "label": label}) + "\n")
+    res = _fit(tmp_path, "--data", str(tmp_path / "train.jsonl"), "--set", "data.val_fraction=0.25")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "model" / "open_clip_model.safetensors").exists()
+
+
+def test_schema_error_names_file_row_field_and_writes_nothing(tmp_path):
+    (tmp_path / "bad.csv").write_text("filepath,caption\na.jpg,hello\n")
+    res = _fit(tmp_path, "--data", str(tmp_path / "bad.csv"))
+    assert res.exit_code == 2
+    out = " ".join(res.output.split())
+    assert "bad.csv" in out and "row 1" in out and "'title'" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_samples_are_skipped_and_listed(tmp_path):
+    rows = _user_images(tmp_path)
+    (tmp_path / "corrupt.jpg").write_bytes(b"not a jpeg at all")
+    rows += [("missing.jpg", "a caption", "dots"), (rows[0][0], "   ", "dots"), ("corrupt.jpg", "broken", "dots")]
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "title", "label"])
+        w.writerows(rows)
+    res = _fit(tmp_path, "--data", str(tmp_path / "train.csv"), "--val", str(tmp_path / "train.csv"),
+               "--steps", "6")
+    assert res.exit_code == 0, res.output
+    bad = [json.loads(x) for x in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]
+    fields = {(b["field"], b["source"].rsplit(":", 1)[-1]) for b in bad}
+    assert ("image", "42") in fields  # missing.jpg: CSV row 42 (header is row 1, 40 good rows)
+    assert ("caption", "43") in fields  # whitespace caption
+    assert any(b["field"] == "image" and "corrupt.jpg" in b["reason"] for b in bad)  # found while training
+    assert len({b["source"] for b in bad}) == len(bad)  # listed once, though seen every epoch
+
+
+def test_on_bad_sample_fail_stops_with_the_source(tmp_path):
+    rows = _user_images(tmp_path) + [("missing.jpg", "a caption", "dots")]
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "title", "label"])
+        w.writerows(rows)
+    res = _fit(tmp_path, "--data", str(tmp_path / "train.csv"), "--on-bad-sample", "fail")
+    assert res.exit_code == 2
+    assert "train.csv:42" in res.output and "missing.jpg" in res.output
+
+
+@pytest.mark.parametrize("trainable,frozen_prefix", [("image", "transformer."), ("text", "visual."),
+                                                      ("projections", "visual.transformer")])
+def test_trainable_choice_freezes_the_rest(tmp_path, trainable, frozen_prefix):
+    from cmalign.models import load_model, select_trainable
+
+    torch.manual_seed(0)  # fit seeds with train.seed (0) right before building the model
+    lm = load_model("cmalign-tiny", None)
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    res = _fit(tmp_path, "--trainable", trainable, "--pretrained", "random", "--lr", "1e-2")
+    assert res.exit_code == 0, res.output
+    fitted, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'run' / 'model'}")
+    after = dict(fitted.named_parameters())
+    assert all(torch.equal(after[n], before[n]) for n in before if n.startswith(frozen_prefix))
+    assert any(not torch.equal(after[n], before[n]) for n in before)
+    counts = select_trainable(lm.model, "last:1")
+    assert 0 < counts["trainable"] < counts["total"]
+
+
+def test_unknown_model_and_bad_option_values(tmp_path):
+    res = _fit(tmp_path, "--model", "no-such-model")
+    assert res.exit_code == 2 and "unknown open_clip model 'no-such-model'" in " ".join(res.output.split())
+    res = _fit(tmp_path, "--distribution", "kl")
+    assert res.exit_code == 2 and "distribution term must be one of" in " ".join(res.output.split())
+    res = _fit(tmp_path, "--set", "train.nonsense=1")
+    assert res.exit_code == 2 and "unknown config key 'train.nonsense'" in " ".join(res.output.split())
+
+
+def test_toml_config_and_overrides_are_saved(tmp_path):
+    (tmp_path / "cfg.toml").write_text("alpha_target = 0.05\n[curriculum]\nramp = \"cosine\"\n")
+    res = _fit(tmp_path, "--config", str(tmp_path / "cfg.toml"), "--lambda-centroid", "2")
+    assert res.exit_code == 0, res.output
+    saved = (tmp_path / "run" / "config.toml").read_text()
+    assert "alpha_target = 0.05" in saved and 'ramp = "cosine"' in saved and "lambda_centroid = 2.0" in saved
+
+
+def test_help_explains_every_option():
+    res = runner.invoke(app, ["fit", "--help"])
+    assert res.exit_code == 0
+    text_out = " ".join(res.output.replace("│", " ").split())  # undo rich's box and wrapping
+    for text in ("--alpha-target", "(default: 0.5)", "--resume", "last:N", "--on-bad-sample", "(default: 400)"):
+        assert text in text_out, text
+    assert runner.invoke(app, ["--help"]).exit_code == 0
+    assert runner.invoke(app, ["data", "synth", "--help"]).exit_code == 0
+
+
+def test_data_synth_writes_open_clip_csvs(tmp_path):
+    res = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "d"), "--train-images", "4",
+                              "--val-images", "2", "--test-images", "2", "--captions-per-image", "3"])
+    assert res.exit_code == 0, res.output
+    with open(tmp_path / "d" / "train.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and set(rows[0]) == {"filepath", "title", "label"}
+    img = Image.open(tmp_path / "d" / rows[0]["filepath"])
+    assert img.size == (64, 64) and np.asarray(img).std() > 0
