@@ -115,7 +115,8 @@ def fit_command(
     seed: Annotated[int | None, typer.Option(help=f"Random seed {_d(_D.train.seed)}",
                                                 rich_help_panel="Training")] = None,
     # run directory
-    out: Annotated[str | None, typer.Option("--out", "-o", help=f"Run directory {_d(_D.train.out)}",
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory "
+                                            "(default: a new runs/<model>-a<alpha>[-N])",
                                                rich_help_panel="Run")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint, with "
                       "its saved config.toml (flags given here still override).", rich_help_panel="Run")] = False,

@@ -80,7 +80,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | fp32 | amp | amp_bf16 (amp only on CUDA)
-    out: str = "runs/default"
+    out: str | None = None  # None: runs/<model>-a<alpha>[-N], a new directory each time
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     guard_every: int = 100

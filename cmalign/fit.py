@@ -212,6 +212,17 @@ class RunDir:
             f.write("".join(x + "\n" for x in keep))
 
 
+def default_run_dir(cfg: FitConfig, root: str = "runs") -> str:
+    """``runs/<model>-a<alpha>``, or with ``-2``, ``-3``... when taken (never reuses a run)."""
+    name = cfg.model.name.split(":")[-1].replace("/", "-").strip("-") or "model"
+    base = Path(root) / f"{name}-a{cfg.alpha_target:g}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return str(path)
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -317,6 +328,10 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
     env = init_distributed(device_kind)
     device = resolve_device(cfg.train.device, env)
     autocast, scaler, precision = autocast_for(device, cfg.train.precision)
+    if cfg.train.out is None:
+        if env.world_size > 1 or resume:
+            raise RunDirectoryError("pass --out RUN (under torchrun every rank must name the same directory)")
+        cfg.train.out = default_run_dir(cfg)
     run = RunDir(cfg.train.out)
 
     state = None

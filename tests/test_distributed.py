@@ -36,3 +36,35 @@ def test_two_ranks_equal_one_process(tmp_path, mode, distribution):
     assert single["grads"].keys() == ddp["grads"].keys()
     for name, g in single["grads"].items():
         torch.testing.assert_close(ddp["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fit_under_torchrun_matches_single_process(tmp_path):
+    """2 ranks × batch 8 follow the same trajectory as 1 process × batch 16 (same global batches)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    common = ["fit", "--pretrained", "random", "--workers", "0", "--guard-every", "0", "--steps", "3",
+              "--set", "data.synth_train_images=64", "--set", "data.val_max_images=16", "--quiet",
+              "--lr", "1e-4", "--alpha-target", "0.5", "--set", "curriculum.warmup_fraction=0",
+              "--set", "curriculum.intro_fraction=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    ddp = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "cmalign.cli.main", *common,
+                          "--batch-size", "8", "--out", str(tmp_path / "ddp")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "cmalign.cli.main", *common, "--batch-size", "16",
+                             "--out", str(tmp_path / "single")], env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    def losses(run):
+        rows = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(r)["total"] for r in rows]
+
+    assert losses("ddp") == pytest.approx(losses("single"), rel=1e-4)
+    assert json.loads((tmp_path / "ddp" / "manifest.json").read_text())["world_size"] == 2
+    a = load_file(tmp_path / "ddp" / "model" / "open_clip_model.safetensors")
+    b = load_file(tmp_path / "single" / "model" / "open_clip_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=5e-4, msg=k)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install cmalign with the CPU extras and the dev tools.
+# Idempotent: a second run only re-checks the install. Override the interpreter with PYTHON=...,
+# the extras with CMALIGN_EXTRAS=gpu,dev (never cpu and gpu together).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+EXTRAS="${CMALIGN_EXTRAS:-cpu,dev}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[${EXTRAS}]"
+.venv/bin/cmalign --version
