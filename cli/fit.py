@@ -99,7 +99,8 @@ def fit_command(
                           f"{_d(_D.train.batch_size)}", rich_help_panel="Training")] = None,
     accum_steps: Annotated[int | None, typer.Option(help="Gradient accumulation micro-steps per step "
                            f"{_d(_D.optim.accum_steps)}", rich_help_panel="Training")] = None,
-    lr: Annotated[float | None, typer.Option(help=f"Peak learning rate (AdamW) {_d(_D.optim.lr)}",
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW) "
+                                             "(default: 2e-4 for cmalign-tiny, 1e-5 for other models)",
                                                 rich_help_panel="Training")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (not on norms, biases, "
                             f"embeddings, logit scale) {_d(_D.optim.weight_decay)}",

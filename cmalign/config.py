@@ -62,7 +62,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-5
+    # None: 2e-4 for the embedded cmalign-tiny, 1e-5 for any other (pretrained CLIP-size) model;
+    # the resolved value is what RUN/config.toml records.
+    lr: float | None = None
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.98
@@ -71,6 +73,10 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     accum_steps: int = 1
+
+
+TINY_LR = 2e-4  # the tiny default base was pretrained at 1e-3
+PRETRAINED_LR = 1e-5  # open_clip-scale CLIPs collapse easily when fine-tuned faster (open_clip #1093)
 
 
 @dataclass
@@ -98,6 +104,12 @@ class FitConfig:
     scheduler: GradSchedulerConfig = field(default_factory=GradSchedulerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def resolve_defaults(self) -> FitConfig:
+        """Fill the model-dependent defaults (kept ``None`` until the model is known)."""
+        if self.optim.lr is None:
+            self.optim.lr = TINY_LR if self.model.name == "cmalign-tiny" else PRETRAINED_LR
+        return self
 
     def validate(self) -> FitConfig:
         if self.alpha_target < 0:
@@ -204,7 +216,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except (KeyError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from e
     apply_overrides(cfg, overrides or {})
-    return cfg.validate()
+    return cfg.resolve_defaults().validate()
 
 
 def to_toml(cfg: FitConfig) -> str:

@@ -38,6 +38,7 @@ from cmalign.atomic import atomic_write, write_json
 from cmalign.config import FitConfig, to_toml
 from cmalign.curriculum import alpha_at
 from cmalign.data.pairs import PairDataset, ResumableBatchSampler, collate_pairs
+from cmalign.data.records import BadSampleError
 from cmalign.data.sources import load_splits
 from cmalign.grad_scheduler import Decision, GradScheduler
 from cmalign.guard import GuardSet, guard_metrics
@@ -318,7 +319,7 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
     """Fine-tune ``cfg.model`` with TPC-CMA into ``cfg.train.out``; see the module docstring."""
     from rich.console import Console
 
-    cfg.validate()
+    cfg.resolve_defaults().validate()
     console = console or Console(stderr=True)
     t_start = time.time()
     if cfg.train.threads > 0:
@@ -349,16 +350,14 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
 
     # Data first: schema problems must surface before any model is built or trained.
     splits = load_splits(cfg.data)
+    if splits.skipped and cfg.data.on_bad_sample == "fail":
+        s = splits.skipped[0]
+        raise BadSampleError(f"{s.source}: field '{s.field}': {s.reason} "
+                             f"({len(splits.skipped)} bad samples; --on-bad-sample skip would skip them)")
     if env.main:
         run.path.mkdir(parents=True, exist_ok=True)
         with atomic_write(run.path / "config.toml") as f:
             f.write(to_toml(cfg))
-    if splits.skipped and cfg.data.on_bad_sample == "fail":
-        b = splits.skipped[0]
-        from cmalign.data.records import BadSampleError
-
-        raise BadSampleError(f"{b.source}: field '{b.field}': {b.reason} "
-                             f"({len(splits.skipped)} bad samples; --on-bad-sample skip would skip them)")
 
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)

@@ -1,13 +1,14 @@
 """The TPC-CMA objective: open_clip's contrastive loss plus the cross-modal alignment (CMA) term.
 
-    L = L_clip + α(t) · (λ_c · ||μ̂_x − μ̂_y||² + λ_d · D̂(x̃, ỹ))
+    L = L_clip + α(t) · s · (λ_c · ||μ̂_x − μ̂_y||² + λ_d · D̂(x̃, ỹ))
 
 ``L_clip`` is ``open_clip.ClipLoss`` (symmetric InfoNCE, learnable logit scale). μ̂ are batch
 means of the L2-normalised embeddings, x̃/ỹ the batch-centred embeddings, and ``D̂`` a distribution
 distance between the centred clouds: unbiased multi-bandwidth RBF MMD² (default), CORAL, or the
-Bures distance of the covariances. Under DDP the statistics use the features gathered from all
-ranks with gradients (``torch.distributed.nn.all_gather``, as ``ClipLoss(gather_with_grad=True)``
-does), so the loss is the same whatever the world size.
+Bures distance of the covariances. ``s`` is the detached logit scale when ``scale_by_logit_scale``
+(default), so the term is in the same units as the contrastive logits, else 1. Under DDP the
+statistics use the features gathered from all ranks with gradients (``torch.distributed.nn.all_gather``,
+as ``ClipLoss(gather_with_grad=True)`` does), so the loss is the same whatever the world size.
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ class CMAConfig:
     lambda_distribution: float = 1.0
     distribution: str = "mmd"  # mmd | coral | bures
     mmd_bandwidths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    # Measure the CMA term in logit units (× the detached logit scale, 100 for a trained CLIP), as
+    # the contrastive logits are: otherwise its gradients are ~100× weaker than InfoNCE's and α
+    # would need to be in the tens to matter, unlike the paper's 0.05–0.5.
+    scale_by_logit_scale: bool = True
 
     def __post_init__(self):
         if self.distribution not in DISTRIBUTION_TERMS:
@@ -121,5 +126,7 @@ class CMALoss(torch.nn.Module):
     def forward(self, image_features, text_features, logit_scale, alpha: float = 0.0) -> dict[str, torch.Tensor]:
         out = {"clip": self.clip(image_features, text_features, logit_scale)}
         out.update(self.alignment_terms(image_features, text_features))
+        if self.cfg.scale_by_logit_scale:
+            out["cma"] = out["cma"] * logit_scale.detach().float().reshape(())
         out["total"] = out["clip"] + alpha * out["cma"]
         return out

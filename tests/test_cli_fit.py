@@ -114,6 +114,7 @@ def test_on_bad_sample_fail_stops_with_the_source(tmp_path):
     res = _fit(tmp_path, "--data", str(tmp_path / "train.csv"), "--on-bad-sample", "fail")
     assert res.exit_code == 2
     assert "train.csv:42" in res.output and "missing.jpg" in res.output
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 @pytest.mark.parametrize("trainable,frozen_prefix", [("image", "transformer."), ("text", "visual."),

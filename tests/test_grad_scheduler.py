@@ -335,9 +335,9 @@ class _OpposedCMALoss(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from cmalign.losses import CMALoss
+        from cmalign.losses import CMAConfig, CMALoss
 
-        self.inner = CMALoss()
+        self.inner = CMALoss(CMAConfig(scale_by_logit_scale=False))
 
     def forward(self, fi, ft, ls, alpha: float = 0.0):
         out = self.inner(fi, ft, ls, 0.0)

@@ -178,8 +178,12 @@ def test_cma_loss_parts(dist: str) -> None:
     xc, yc = x - x.mean(0), y - y.mean(0)
     term = {"mmd": mmd2_rbf, "coral": coral, "bures": bures2}[dist](xc, yc)
     assert out["distribution"].item() == pytest.approx(term.item(), rel=1e-5, abs=1e-7)
-    assert out["cma"].item() == pytest.approx(0.7 * out["centroid2"].item() + 2.0 * out["distribution"].item(),
-                                              rel=1e-6)
+    # in logit units: the bracket times the (detached) logit scale, as the contrastive logits are
+    bracket = 0.7 * out["centroid2"].item() + 2.0 * out["distribution"].item()
+    assert out["cma"].item() == pytest.approx(float(scale) * bracket, rel=1e-5)
+    unscaled = CMALoss(CMAConfig(lambda_centroid=0.7, lambda_distribution=2.0, distribution=dist,
+                                 scale_by_logit_scale=False))(x, y, scale, alpha=0.3)
+    assert unscaled["cma"].item() == pytest.approx(bracket, rel=1e-5)
     assert out["total"].item() == pytest.approx(out["clip"].item() + 0.3 * out["cma"].item(), rel=1e-6)
     assert out["centroid2"].item() > 0.1  # the fixture has a real gap
 
@@ -234,7 +238,7 @@ def test_centroid_gradient_pulls_the_means_together() -> None:
     x, y, scale = features()
     x.requires_grad_(True)
     y.requires_grad_(True)
-    out = CMALoss(CMAConfig(lambda_distribution=0.0))(x, y, scale)
+    out = CMALoss(CMAConfig(lambda_distribution=0.0, scale_by_logit_scale=False))(x, y, scale)
     out["cma"].backward()
     n = x.shape[0]
     diff = (x.mean(0) - y.mean(0)).detach()
