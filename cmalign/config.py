@@ -81,7 +81,7 @@ PRETRAINED_LR = 1e-5  # open_clip-scale CLIPs collapse easily when fine-tuned fa
 
 @dataclass
 class TrainConfig:
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 128  # per process; the global batch is batch_size × world size
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -156,7 +156,7 @@ def test_help_explains_every_option():
     res = runner.invoke(app, ["fit", "--help"])
     assert res.exit_code == 0
     text_out = " ".join(res.output.replace("│", " ").split())  # undo rich's box and wrapping
-    for text in ("--alpha-target", "(default: 0.5)", "--resume", "last:N", "--on-bad-sample", "(default: 400)"):
+    for text in ("--alpha-target", "(default: 0.5)", "--resume", "last:N", "--on-bad-sample", "(default: 300)"):
         assert text in text_out, text
     assert runner.invoke(app, ["--help"]).exit_code == 0
     assert runner.invoke(app, ["data", "synth", "--help"]).exit_code == 0

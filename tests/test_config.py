@@ -18,7 +18,7 @@ def write(tmp_path: Path, text: str, name: str = "cfg.toml") -> Path:
 def test_defaults_validate() -> None:
     cfg = FitConfig().validate()
     assert cfg.alpha_target == 0.5
-    assert load_config().to_dict() == FitConfig().to_dict()
+    assert load_config().to_dict() == FitConfig().resolve_defaults().to_dict()
 
 
 def test_toml_sections_override_defaults(tmp_path: Path) -> None:
@@ -50,7 +50,7 @@ train = "data/train.csv"
     assert cfg.model.fixed_logit_scale == 100.0
     assert cfg.data.train == "data/train.csv"
     # untouched keys keep their defaults
-    d = FitConfig()
+    d = FitConfig().resolve_defaults()
     assert cfg.optim == d.optim
     assert cfg.train.seed == d.train.seed and cfg.model.name == d.model.name
 
@@ -178,7 +178,7 @@ def _custom() -> FitConfig:
     })
 
 
-@pytest.mark.parametrize("make", [FitConfig, _custom])
+@pytest.mark.parametrize("make", [lambda: FitConfig().resolve_defaults(), _custom])
 def test_to_toml_round_trip(tmp_path: Path, make) -> None:
     cfg = make()
     p = write(tmp_path, to_toml(cfg), name="config.toml")
@@ -189,9 +189,9 @@ def test_to_toml_round_trip(tmp_path: Path, make) -> None:
 
 
 def test_hash_ignores_run_time_knobs() -> None:
-    base = FitConfig().hash()
+    base = FitConfig().resolve_defaults().hash()
     assert len(base) == 16
-    assert FitConfig().hash() == base  # deterministic
+    assert FitConfig().resolve_defaults().hash() == base  # deterministic
     for key, value in [("train.out", "elsewhere"), ("train.checkpoint_every", "7"), ("train.keep_checkpoints", "5"),
                        ("train.guard_every", "3"), ("train.threads", "2"), ("train.device", "cpu"),
                        ("data.num_workers", "0")]:
@@ -202,4 +202,10 @@ def test_hash_ignores_run_time_knobs() -> None:
                                         ("loss.distribution", "coral"), ("optim.lr", "1e-4"),
                                         ("curriculum.ramp", "cosine"), ("loss.mmd_bandwidths", "1,2")])
 def test_hash_changes_with_what_is_trained(key: str, value: str) -> None:
-    assert load_config(None, {key: value}).hash() != FitConfig().hash()
+    assert load_config(None, {key: value}).hash() != FitConfig().resolve_defaults().hash()
+
+
+def test_learning_rate_default_depends_on_the_model() -> None:
+    assert load_config().optim.lr == 2e-4  # the embedded tiny model
+    assert load_config(None, {"model.name": "ViT-B-32"}).optim.lr == 1e-5  # a pretrained CLIP
+    assert load_config(None, {"model.name": "ViT-B-32", "optim.lr": "3e-5"}).optim.lr == 3e-5
