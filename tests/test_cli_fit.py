@@ -171,3 +171,23 @@ def test_data_synth_writes_open_clip_csvs(tmp_path):
     assert len(rows) == 12 and set(rows[0]) == {"filepath", "title", "label"}
     img = Image.open(tmp_path / "d" / rows[0]["filepath"])
     assert img.size == (64, 64) and np.asarray(img).std() > 0
+
+
+def test_grad_checkpointing_gives_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    for name, extra in (("plain", []), ("ckpt", ["--grad-checkpointing"])):
+        res = runner.invoke(app, ["fit", *FAST_FIT, "--steps", "2", "--out", str(tmp_path / name), *extra])
+        assert res.exit_code == 0, res.output
+    a = load_file(tmp_path / "plain" / "model" / "open_clip_model.safetensors")
+    b = load_file(tmp_path / "ckpt" / "model" / "open_clip_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_gradient_accumulation_runs_and_logs_each_optimizer_step(tmp_path):
+    res = _fit(tmp_path, "--accum-steps", "2", "--batch-size", "8")
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["total"]) and r["lr"] > 0 for r in rows)
