@@ -263,10 +263,16 @@ def _step_grads(model, images, tokens, loss_fn, sched, alpha: float, grad_div: f
     return row, d, g
 
 
-def _assert_same_grads(a: dict, b: dict, atol: float = 1e-6) -> None:
+def _assert_same_grads(a: dict, b: dict, rel: float = 1e-5) -> None:
+    """Equal up to float summation order: |a − b| small relative to |b|, per parameter tensor.
+
+    (Element-wise allclose is the wrong test here: entries that nearly cancel carry absolute noise of
+    the order of the tensor's largest entries × 1e-7, whatever their own size.)
+    """
     assert set(a) == set(b) and len(a) > 10
     for n, g in a.items():
-        assert torch.allclose(g, b[n], atol=atol, rtol=1e-4), n
+        err = float((g - b[n]).norm() / b[n].norm().clamp_min(1e-12))
+        assert err < rel, f"{n}: relative difference {err:.2e}"
 
 
 def test_step_with_scheduler_off_matches_plain_backward(tiny) -> None:
