@@ -191,3 +191,25 @@ def test_gradient_accumulation_runs_and_logs_each_optimizer_step(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(np.isfinite(r["total"]) and r["lr"] > 0 for r in rows)
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from cmalign.losses import CMALoss
+
+    real = CMALoss.alignment_terms
+    calls = {"n": 0}
+
+    def poisoned(self, fi, ft):
+        calls["n"] += 1
+        out = real(self, fi, ft)
+        if calls["n"] == 6:  # the 6th training step
+            out["cma"] = out["cma"] * float("nan")
+        return out
+
+    monkeypatch.setattr(CMALoss, "alignment_terms", poisoned)
+    res = _fit(tmp_path, "--steps", "10", "--checkpoint-every", "4")
+    assert res.exit_code == 2
+    msg = " ".join(res.output.split())
+    assert "step 5" in msg and "nan" in msg.lower() and "step_00000004.pt" in msg
+    assert (tmp_path / "run" / "checkpoints" / "step_00000004.pt").exists()
+    assert not (tmp_path / "run" / "model").exists()  # no model from a diverged run
