@@ -519,7 +519,9 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
                         last_ckpt = save_checkpoint(run, step, model, optimizer, scaler, scheduler, bad_seen, cfg,
                                                     cfg.train.keep_checkpoints)
                     env.barrier()
-                info = f"loss {entry['total']:.3f}  α {entry['alpha_eff']:.3f}  phase {phase}"
+                info = f"loss {entry['total']:.3f}"
+                if cfg.alpha_target > 0:
+                    info += f"  α {entry['alpha_eff']:.3f}  phase {phase}"
                 if last_guard:
                     info += f"  R@1 {last_guard['r1_t2i']:.2f}  gap {last_guard['raw']:.3f}"
                 progress.update(task, completed=step, info=info)
