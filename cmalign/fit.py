@@ -461,7 +461,7 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
                     try:
                         row, d = step_fn(images, tokens, alpha, autocast, scaler, grad_div=accum)
                     except TrainingDiverged as e:
-                        raise TrainingDiverged(f"step {step}: {e}. Stopped; last good checkpoint: "
+                        raise TrainingDiverged(f"step {step + 1}: {e}. Stopped; last good checkpoint: "
                                                f"{last_ckpt or 'none (no checkpoint written yet)'}. "
                                                "Try a lower --lr or --alpha-target.") from None
                     rows.append(row)
@@ -477,7 +477,7 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
                 else:
                     grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
                 if not math.isfinite(grad_norm) and scaler is None:
-                    raise TrainingDiverged(f"step {step}: gradient norm is {grad_norm}. Stopped; last good "
+                    raise TrainingDiverged(f"step {step + 1}: gradient norm is {grad_norm}. Stopped; last good "
                                            f"checkpoint: {last_ckpt or 'none'}. Try a lower --lr.")
                 if scaler is not None:
                     scaler.step(optimizer)

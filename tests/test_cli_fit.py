@@ -210,6 +210,6 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     res = _fit(tmp_path, "--steps", "10", "--checkpoint-every", "4")
     assert res.exit_code == 2
     msg = " ".join(res.output.split())
-    assert "step 5" in msg and "nan" in msg.lower() and "step_00000004.pt" in msg
+    assert "step 6" in msg and "nan" in msg.lower() and "step_00000004.pt" in msg  # steps count from 1, as logged
     assert (tmp_path / "run" / "checkpoints" / "step_00000004.pt").exists()
     assert not (tmp_path / "run" / "model").exists()  # no model from a diverged run
