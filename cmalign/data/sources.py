@@ -56,12 +56,13 @@ def load_splits(cfg) -> DataSplits:
         skipped += val_skipped
         desc_val = cfg.val
     else:
-        held = [r for r in train if _held_out(r.key, cfg.val_fraction)]
-        if not held:
+        kept, val = [], []
+        for r in train:
+            (val if _held_out(r.key, cfg.val_fraction) else kept).append(r)
+        if not val:
             raise DataSchemaError(cfg.train, None, None, f"too few images to hold out {cfg.val_fraction:.0%} "
                                   "for validation; pass --val")
-        train = [r for r in train if not _held_out(r.key, cfg.val_fraction)]
-        val = held
+        train = kept
         desc_val = f"{cfg.val_fraction:.0%} of {cfg.train} held out by image"
     return DataSplits(train=train, val=val, skipped=skipped,
                       description={"train": cfg.train, "val": desc_val, "format": cfg.format})
