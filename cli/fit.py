@@ -167,7 +167,7 @@ def fit_command(
         cfg = load_config(config, flags)
         result = fit(cfg, resume=resume, console=console, show_progress=not quiet)
     except (DataSchemaError, BadSampleError, RunDirectoryError, TrainingDiverged, FileNotFoundError,
-            ValueError, KeyError) as e:
+            ValueError, KeyError, RuntimeError) as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
         raise typer.Exit(code=2) from None
     if not quiet:

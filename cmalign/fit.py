@@ -161,16 +161,16 @@ class TPCCMAStep:
         if not torch.isfinite(total):
             raise TrainingDiverged(f"loss is {total.item()} (clip {losses['clip'].item():.4g}, "
                                    f"cma {losses['cma'].item():.4g})")
-        scale = scaler.get_scale() if scaler is not None else 1.0
+        scaled = scaler.scale if scaler is not None else (lambda t: t)  # fp16 AMP: GradScaler owns the scale
         if alpha == 0 or self.scheduler.cfg.mode == "off":
-            (total * scale / grad_div).backward()
+            (scaled(total) / grad_div).backward()
             d = Decision(alpha=alpha, alpha_eff=alpha)
         else:
             # A frozen tower (or a fixed logit scale) gives outputs without grad: leave them out.
             feats = [f for f in (fi, ft) if f.requires_grad]
             outs = feats + ([ls] if ls.requires_grad else [])
-            g_clip = torch.autograd.grad(losses["clip"] * scale, outs, retain_graph=True)
-            g_cma = torch.autograd.grad(losses["cma"] * scale, feats, retain_graph=True)
+            g_clip = torch.autograd.grad(scaled(losses["clip"]), outs, retain_graph=True)
+            g_cma = torch.autograd.grad(scaled(losses["cma"]), feats, retain_graph=True)
             k = len(feats)
             dot, clip_sq, cma_sq = self._global_sums(g_clip[:k], g_cma)
             d = self.scheduler.decide(dot, clip_sq, cma_sq, alpha)
@@ -192,11 +192,32 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.bad = self.path / "bad_samples.jsonl"
 
+    def bad_file(self, rank: int) -> Path:
+        """Rank 0 lists read-time and its own training-time skips; other ranks their own."""
+        return self.bad if rank == 0 else self.path / f"bad_samples.rank{rank}.jsonl"
+
     def checkpoints(self) -> list[Path]:
         return sorted(self.ckpt_dir.glob("step_*.pt"))
 
     def has_run(self) -> bool:
         return bool(self.checkpoints()) or (self.model_dir / "open_clip_config.json").exists()
+
+    def truncate_bad(self, rank: int, seen: set) -> None:
+        """Keep the skipped-sample rows the checkpoint knew of; later ones will be met again."""
+        path = self.bad_file(rank)
+        if not path.exists():
+            return
+        keep, listed = [], set()
+        for line in path.read_text().splitlines():
+            try:
+                src = json.loads(line)["source"]
+            except (json.JSONDecodeError, KeyError):
+                continue
+            if src in seen and src not in listed:
+                listed.add(src)
+                keep.append(line)
+        with atomic_write(path) as f:
+            f.write("".join(x + "\n" for x in keep))
 
     def truncate_metrics(self, last_step: int) -> None:
         """Drop log rows past the checkpoint we resume from (they will be written again)."""
@@ -226,8 +247,8 @@ def default_run_dir(cfg: FitConfig, root: str = "runs") -> str:
 
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this device's only: a resume may see a different GPU count
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -236,7 +257,7 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(run: RunDir, step: int, model, optimizer, scaler, scheduler: GradScheduler,
@@ -250,6 +271,7 @@ def save_checkpoint(run: RunDir, step: int, model, optimizer, scaler, scheduler:
         "grad_scheduler": scheduler.state_dict(),
         "rng": _rng_state(),
         "bad_seen": sorted(bad_seen),
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "config_hash": cfg.hash(),
         "cmalign_version": cmalign.__version__,
     }
@@ -296,6 +318,16 @@ def _resolve_pretrained(cfg: FitConfig, env: DistEnv, console) -> str | None:
     return p
 
 
+def _check_supported(model, name: str) -> None:
+    """TPC-CMA is defined on softmax-contrastive dual encoders (CLIP, CustomTextCLIP)."""
+    if type(model).__name__ == "CoCa":
+        raise ValueError(f"{name} is a CoCa model (contrastive + captioning loss); cmalign fit supports "
+                         "softmax-contrastive CLIP models only")
+    if getattr(model, "logit_bias", None) is not None:
+        raise ValueError(f"{name} is a SigLIP-style model (sigmoid loss with logit_bias); cmalign fit's "
+                         "objective builds on open_clip's softmax ClipLoss and would train it with the wrong loss")
+
+
 def _num_workers(cfg: FitConfig) -> int:
     if cfg.data.num_workers >= 0:
         return cfg.data.num_workers
@@ -303,14 +335,14 @@ def _num_workers(cfg: FitConfig) -> int:
     return 1 if cpus <= 2 else min(8, cpus - 1)  # one worker still overlaps decoding with compute
 
 
-def _write_bad(run: RunDir, bad: list[dict], bad_seen: set) -> int:
+def _write_bad(path: Path, bad: list[dict], bad_seen: set) -> int:
     new = []
     for b in bad:
         if b["source"] not in bad_seen:
             bad_seen.add(b["source"])
             new.append(b)
     if new:
-        with open(run.bad, "a") as f:
+        with open(path, "a") as f:
             f.writelines(json.dumps(b) + "\n" for b in new)
     return len(new)
 
@@ -366,6 +398,7 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
     pretrained = _resolve_pretrained(cfg, env, console)
     loaded = load_model(cfg.model.name, pretrained, device=device)
     model = loaded.model
+    _check_supported(model, cfg.model.name)
     counts = select_trainable(model, cfg.model.trainable)
     if cfg.model.fixed_logit_scale is not None:
         with torch.no_grad():
@@ -386,16 +419,22 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["grad_scheduler"])
+        if state.get("world_size", 1) != env.world_size:
+            raise RunDirectoryError(
+                f"--resume: {run.path} was trained with {state.get('world_size', 1)} processes, now "
+                f"{env.world_size}; the data order and global batch depend on it, resume with the same count")
         bad_seen = set(state["bad_seen"])
         start_step = state["step"]
         _set_rng_state(state["rng"])
         if env.main:
             run.truncate_metrics(start_step)
-    elif env.main:
-        run.metrics.unlink(missing_ok=True)
-        run.bad.unlink(missing_ok=True)
+        run.truncate_bad(env.rank, bad_seen)
+    else:
+        if env.main:
+            run.metrics.unlink(missing_ok=True)
+        run.bad_file(env.rank).unlink(missing_ok=True)
     if env.main and splits.skipped:
-        _write_bad(run, [b.to_dict() for b in splits.skipped], bad_seen)
+        _write_bad(run.bad, [b.to_dict() for b in splits.skipped], bad_seen)
 
     train_model = model
     if env.world_size > 1:
@@ -453,13 +492,16 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
                 t0 = time.time()
                 alpha, phase = alpha_at(step, cfg.train.steps, cfg.alpha_target, cfg.curriculum)
                 rows, decisions = [], []
-                for _ in range(accum):
+                for micro in range(accum):
                     images, tokens, bad = next(data_iter)
-                    if bad and env.main:
-                        _write_bad(run, bad, bad_seen)
+                    if bad:
+                        _write_bad(run.bad_file(env.rank), bad, bad_seen)
                     images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+                    # under DDP, all-reduce gradients once per optimizer step, not per micro-batch
+                    sync = nullcontext() if env.world_size == 1 or micro == accum - 1 else train_model.no_sync()
                     try:
-                        row, d = step_fn(images, tokens, alpha, autocast, scaler, grad_div=accum)
+                        with sync:
+                            row, d = step_fn(images, tokens, alpha, autocast, scaler, grad_div=accum)
                     except TrainingDiverged as e:
                         raise TrainingDiverged(f"step {step + 1}: {e}. Stopped; last good checkpoint: "
                                                f"{last_ckpt or 'none (no checkpoint written yet)'}. "

@@ -69,17 +69,19 @@ def coral(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((_cov(x) - _cov(y)) ** 2).sum() / (4 * d * d)
 
 
-def _psd_sqrt(a: torch.Tensor, eps: float) -> torch.Tensor:
-    evals, evecs = torch.linalg.eigh(a + eps * torch.eye(a.shape[0], device=a.device, dtype=a.dtype))
-    return (evecs * evals.clamp_min(eps).sqrt()) @ evecs.T
+def bures2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared Bures distance of the covariances of paired, centred batches (n rows each).
 
-
-def bures2(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Squared Bures distance of the covariances, via eigendecompositions (differentiable)."""
-    cx, cy = _cov(x.double()), _cov(y.double())
-    sx = _psd_sqrt(cx, eps)
-    cross = _psd_sqrt(sx @ cy @ sx, eps)
-    return (cx.trace() + cy.trace() - 2 * cross.trace()).clamp_min(0).to(x.dtype)
+    tr((Σx^½ Σy Σx^½)^½) equals the nuclear norm of X̃ᵀỸ/n, i.e. of the n×n matrix X̃Ỹᵀ/n: no matrix
+    square root, and finite gradients when the covariances are rank-deficient (batch ≤ dim), where
+    eigendecomposition backward divides by zero on repeated eigenvalues.
+    """
+    if x.shape[0] != y.shape[0]:
+        raise ValueError("bures2 needs paired batches of equal size")
+    xd, yd = x.double(), y.double()
+    n = x.shape[0]
+    fidelity = torch.linalg.matrix_norm(xd @ yd.T / n, ord="nuc")
+    return ((xd * xd).sum() / n + (yd * yd).sum() / n - 2 * fidelity).clamp_min(0).to(x.dtype)
 
 
 @dataclass
@@ -130,5 +132,6 @@ class CMALoss(torch.nn.Module):
         out.update(self.alignment_terms(image_features, text_features))
         if self.cfg.scale_by_logit_scale:
             out["cma"] = out["cma"] * logit_scale.detach().float().reshape(())
-        out["total"] = out["clip"] + alpha * out["cma"]
+        # α = 0: the CMA term is only logged; keep it out of the graph (a NaN there must not leak in)
+        out["total"] = out["clip"] + alpha * out["cma"] if alpha else out["clip"]
         return out

@@ -50,6 +50,17 @@ def test_resume_refuses_changed_config(tmp_path):
     assert changed.returncode == 2
     assert "config differs" in changed.stderr
 
+    # a checkpoint from a 2-process run cannot be resumed by 1 process: data order and global batch differ
+    import torch
+
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    state = torch.load(ckpt, weights_only=False)
+    state["world_size"] = 2
+    torch.save(state, ckpt)
+    other = _fit(tmp_path / "run", "--resume")
+    assert other.returncode == 2
+    assert "trained with 2 processes" in " ".join(other.stderr.split())
+
 
 def test_refuses_to_overwrite_a_run(tmp_path):
     assert _fit(tmp_path / "run").returncode == 0
