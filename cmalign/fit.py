@@ -454,7 +454,8 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
                                          collate_fn=collate_pairs, pin_memory=device.type == "cuda",
                                          persistent_workers=False)
 
-    guard = GuardSet.from_records(splits.val, splits.class_templates, cfg.data.val_max_images)
+    # only rank 0 evaluates (it decodes every validation image once to drop unreadable ones)
+    guard = GuardSet.from_records(splits.val, splits.class_templates, cfg.data.val_max_images) if env.main else None
     ac = autocast()
 
     def run_guard(full: bool) -> dict:
@@ -598,6 +599,7 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
             "train_samples": len(splits.train),
             "val_images": len(guard.images),
             "skipped_samples": len(bad_seen),
+            "grad_scheduler": {"mode": cfg.scheduler.mode, **scheduler.state_dict()},  # steps measured, conflicts, caps
             "trainable_parameters": counts["trainable"],
             "total_parameters": counts["total"],
             "seconds": round(result.seconds, 1),
