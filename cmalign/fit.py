@@ -202,22 +202,27 @@ class RunDir:
     def has_run(self) -> bool:
         return bool(self.checkpoints()) or (self.model_dir / "open_clip_config.json").exists()
 
-    def truncate_bad(self, rank: int, seen: set) -> None:
-        """Keep the skipped-sample rows the checkpoint knew of; later ones will be met again."""
+    def listed_bad(self, rank: int) -> set[str]:
+        """Sources this rank has listed already (on resume); rewrites its file without a torn last line.
+
+        Derived from the file, not the checkpoint: only rank 0 writes checkpoints, and a sample found
+        bad after the checkpoint is still bad, so it stays listed (once).
+        """
         path = self.bad_file(rank)
         if not path.exists():
-            return
+            return set()
         keep, listed = [], set()
         for line in path.read_text().splitlines():
             try:
                 src = json.loads(line)["source"]
             except (json.JSONDecodeError, KeyError):
                 continue
-            if src in seen and src not in listed:
+            if src not in listed:
                 listed.add(src)
                 keep.append(line)
         with atomic_write(path) as f:
             f.write("".join(x + "\n" for x in keep))
+        return listed
 
     def truncate_metrics(self, last_step: int) -> None:
         """Drop log rows past the checkpoint we resume from (they will be written again)."""
@@ -261,7 +266,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run: RunDir, step: int, model, optimizer, scaler, scheduler: GradScheduler,
-                    bad_seen: set, cfg: FitConfig, keep: int) -> Path:
+                    cfg: FitConfig, keep: int) -> Path:
     path = run.ckpt_dir / f"step_{step:08d}.pt"
     state = {
         "step": step,
@@ -270,7 +275,6 @@ def save_checkpoint(run: RunDir, step: int, model, optimizer, scaler, scheduler:
         "scaler": scaler.state_dict() if scaler is not None else None,
         "grad_scheduler": scheduler.state_dict(),
         "rng": _rng_state(),
-        "bad_seen": sorted(bad_seen),
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "config_hash": cfg.hash(),
         "cmalign_version": cmalign.__version__,
@@ -423,12 +427,11 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
             raise RunDirectoryError(
                 f"--resume: {run.path} was trained with {state.get('world_size', 1)} processes, now "
                 f"{env.world_size}; the data order and global batch depend on it, resume with the same count")
-        bad_seen = set(state["bad_seen"])
+        bad_seen = run.listed_bad(env.rank)
         start_step = state["step"]
         _set_rng_state(state["rng"])
         if env.main:
             run.truncate_metrics(start_step)
-        run.truncate_bad(env.rank, bad_seen)
     else:
         if env.main:
             run.metrics.unlink(missing_ok=True)
@@ -515,10 +518,8 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
                     g["lr"] = lr
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                if cfg.optim.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
-                else:
-                    grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                # max_norm = inf (grad_clip 0) clips nothing and still returns the total norm
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf))
                 if not math.isfinite(grad_norm) and scaler is None:
                     raise TrainingDiverged(f"step {step + 1}: gradient norm is {grad_norm}. Stopped; last good "
                                            f"checkpoint: {last_ckpt or 'none'}. Try a lower --lr.")
@@ -559,7 +560,7 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
                 if cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0 \
                         and step < cfg.train.steps:
                     if env.main:
-                        last_ckpt = save_checkpoint(run, step, model, optimizer, scaler, scheduler, bad_seen, cfg,
+                        last_ckpt = save_checkpoint(run, step, model, optimizer, scaler, scheduler, cfg,
                                                     cfg.train.keep_checkpoints)
                     env.barrier()
                 info = f"loss {entry['total']:.3f}"

@@ -86,11 +86,18 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
 
 
-def test_resume_keeps_only_the_bad_sample_rows_the_checkpoint_knew(tmp_path):
+def test_resume_lists_each_bad_sample_once(tmp_path):
+    from cmalign.fit import _write_bad
+
     run = RunDir(tmp_path)
     rows = [{"source": s, "field": "image", "reason": "x"} for s in ("a.csv:2", "a.csv:3", "a.csv:9", "a.csv:2")]
-    run.bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run.truncate_bad(0, {"a.csv:2", "a.csv:3"})
-    kept = [json.loads(x)["source"] for x in run.bad.read_text().splitlines()]
-    assert kept == ["a.csv:2", "a.csv:3"]
+    # a kill -9 can tear the last line mid-write
+    run.bad.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"source": "a.csv:1')
+    seen = run.listed_bad(0)
+    assert seen == {"a.csv:2", "a.csv:3", "a.csv:9"}
+    assert _write_bad(run.bad, [{"source": "a.csv:3", "field": "image", "reason": "x"},
+                                {"source": "a.csv:10", "field": "image", "reason": "x"}], seen) == 1
+    listed = [json.loads(x)["source"] for x in run.bad.read_text().splitlines()]
+    assert listed == ["a.csv:2", "a.csv:3", "a.csv:9", "a.csv:10"]
     assert run.bad_file(1).name == "bad_samples.rank1.jsonl"
+    assert run.listed_bad(1) == set()
