@@ -7,19 +7,24 @@ from typing import Annotated
 
 import typer
 from cmalign.cli import data as data_cmd
+from cmalign.cli import embed as embed_cmd
+from cmalign.cli import export as export_cmd
 from cmalign.cli import fit as fit_cmd
 
 import cmalign
 
 app = typer.Typer(
     name="cmalign",
-    help="Close the modality gap of CLIP-style models: TPC-CMA fine-tuning (fit) and the generated "
-         "default data set (data). Run `cmalign COMMAND --help` for each command's options.",
+    help="Close the modality gap of CLIP-style models: TPC-CMA fine-tuning (fit), ONNX export (export), "
+         "corpus embedding (embed) and the generated default data set (data). Run `cmalign COMMAND --help` for each command's options.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 app.command("fit", help=fit_cmd.HELP)(fit_cmd.fit_command)
+app.command("export", help=export_cmd.HELP)(export_cmd.export_command)
+app.command("embed", help=embed_cmd.HELP)(embed_cmd.embed_command)
+app.command("embed-merge", help=embed_cmd.MERGE_HELP)(embed_cmd.merge_command)
 app.add_typer(data_cmd.app, name="data")
 
 

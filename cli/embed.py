@@ -1,0 +1,99 @@
+"""`cmalign embed` and `cmalign embed-merge`: build an EmbedConfig and call :func:`cmalign.embed.embed_dataset`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+HELP = (
+    "Embed a data set with an export (torch-free onnxruntime) into clip-retrieval's layout: "
+    "OUT/img_emb/img_emb_NNNN.npy, OUT/text_emb/text_emb_NNNN.npy, OUT/metadata/metadata_NNNN.parquet "
+    "(image rows then text rows, with modality and pair_id), plus manifests.\n\n"
+    "--shard I/N embeds the I-th of N slices (numbered from 0) so a scheduler can fan the work out; "
+    "the last shard to finish merges, or run `cmalign embed-merge OUT`. Unreadable images are skipped "
+    "and listed in OUT/bad_samples/."
+)
+MERGE_HELP = "Check that every shard of OUT is there and from the same export, and write OUT/manifest.json."
+
+
+def embed_command(
+    export: Annotated[str, typer.Argument(help="Export directory written by `cmalign export`.", show_default=False)],
+    data: Annotated[str, typer.Option(help="Data set: CSV/TSV, JSON lines, COCO captions JSON, folder, WebDataset "
+                                      "shards (as for `fit`), or generated:train|val|test.")] = "generated:val",
+    out: Annotated[str, typer.Option("--out", "-o", help="Embeddings directory.")] = "emb/corpus",
+    shard: Annotated[str, typer.Option(help="I/N: embed slice I of N (0 <= I < N).")] = "0/1",
+    provider: Annotated[str, typer.Option(help="cpu, cuda (needs onnxruntime-gpu) or auto.")] = "cpu",
+    variant: Annotated[str, typer.Option(help="Graph variant of the export: fp32, fp16 or int8.")] = "fp32",
+    batch_size: Annotated[int, typer.Option(help="Images per inference batch (texts: 4x).")] = 64,
+    workers: Annotated[int, typer.Option(help="Image decoding threads.")] = 2,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or float16 (halves the files).")] = "float32",
+    data_format: Annotated[str, typer.Option("--format", help="auto|csv|tsv|jsonl|coco|folder|webdataset")] = "auto",
+    image_root: Annotated[str | None, typer.Option(help="Directory relative image paths are under.")] = None,
+    csv_separator: Annotated[str | None, typer.Option(help="CSV separator (default: sniffed).")] = None,
+    image_column: Annotated[str, typer.Option(help="Image path column/field.")] = "filepath",
+    caption_column: Annotated[str, typer.Option(help="Caption column/field.")] = "title",
+    label_column: Annotated[str, typer.Option(help="Optional class-name column/field.")] = "label",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo a shard that is already done.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from cmalign.data.records import DataSchemaError
+    from cmalign.embed import EmbedConfig, embed_dataset
+    from cmalign.embeddings import EmbeddingsError
+    from cmalign.export.manifest import ExportFormatError
+    from cmalign.export.runtime import ProviderUnavailableError
+
+    console = Console()
+    cfg = EmbedConfig(export=export, data=data, out=out, shard=shard, provider=provider, variant=variant,
+                      batch_size=batch_size, workers=workers, threads=threads, dtype=dtype, format=data_format,
+                      image_root=image_root, csv_separator=csv_separator, image_column=image_column,
+                      caption_column=caption_column, label_column=label_column, overwrite=overwrite)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, disable=quiet)
+    tasks: dict[str, int] = {}
+
+    def report(kind: str, done: int, total: int) -> None:
+        if kind not in tasks:
+            tasks[kind] = progress.add_task(f"embedding {kind}", total=total)
+        progress.update(tasks[kind], completed=done)
+
+    try:
+        with progress:
+            result = embed_dataset(cfg, progress=report)
+    except (DataSchemaError, EmbeddingsError, ExportFormatError, ProviderUnavailableError, FileExistsError,
+            FileNotFoundError, ValueError) as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+        raise typer.Exit(code=2) from None
+    if quiet:
+        return
+    i, n = result.shard
+    console.print(f"shard {i}/{n}: {result.images} images, {result.texts} texts, {len(result.skipped)} skipped "
+                  f"({result.seconds:.1f} s, {(result.images + result.texts) / max(result.seconds, 1e-9):.0f} "
+                  f"embeddings/s) → {result.out}")
+    if result.skipped:
+        console.print(f"skipped samples are listed in {result.out}/bad_samples/")
+    if result.merged:
+        console.print(f"merged {n} shard(s): {result.merged['rows']['images']} images, "
+                      f"{result.merged['rows']['texts']} texts → {result.out}/manifest.json")
+    else:
+        console.print(f"not merged yet: run `cmalign embed-merge {result.out}` once all {n} shards are done")
+
+
+def merge_command(
+    out: Annotated[str, typer.Argument(help="Embeddings directory holding the shards.", show_default=False)],
+):
+    from rich.console import Console
+
+    from cmalign.embeddings import EmbeddingsError, merge_shards
+
+    try:
+        manifest = merge_shards(out)
+    except EmbeddingsError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+        raise typer.Exit(code=2) from None
+    Console().print(f"merged {manifest['num_shards']} shard(s): {manifest['rows']['images']} images, "
+                    f"{manifest['rows']['texts']} texts, {manifest['skipped']} skipped → {out}/manifest.json")

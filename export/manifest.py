@@ -1,0 +1,76 @@
+"""The export directory's self-description: what is in it, where it came from, how far to trust it.
+
+Torch-free: the runtime, `embed` and the index read it to refuse mixing artifacts of different
+exports. The *fingerprint* names the export's behaviour (fp32 graphs, tokenizer, preprocessing), so
+two exports of the same weights with the same settings match and anything else does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+KIND = "cmalign-export"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PREPROCESS = "preprocess.json"
+TOKENIZER_DIR = "tokenizer"
+TOWERS = ("image", "text")
+VARIANTS = ("fp32", "fp16", "int8")
+
+# Parity bounds: the minimum cosine similarity of every row to torch eager fp32 (documented in the README).
+MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.98}
+# int8 may cost at most this much retrieval R@1 (absolute) against fp32 on the generated validation split.
+INT8_MAX_R1_DROP = 0.01
+INT8_R1_MIN_IMAGES = 500  # below this the R@1 difference is mostly sampling noise, so it is recorded, not enforced
+
+
+class ExportFormatError(ValueError):
+    """An export directory is missing, incomplete or of another kind."""
+
+
+def graph_file(tower: str, variant: str) -> str:
+    return f"{tower}_encoder.onnx" if variant == "fp32" else f"{tower}_encoder.{variant}.onnx"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(export_dir: str | Path) -> str:
+    """Hash of the fp32 graphs, the preprocessing config and the tokenizer config."""
+    d = Path(export_dir)
+    h = hashlib.sha256()
+    for rel in (graph_file("image", "fp32"), graph_file("text", "fp32"), PREPROCESS, f"{TOKENIZER_DIR}/tokenizer.json"):
+        h.update(rel.encode())
+        h.update(sha256_file(d / rel).encode())
+    return h.hexdigest()[:16]
+
+
+def read_manifest(export_dir: str | Path) -> dict:
+    d = Path(export_dir)
+    path = d / MANIFEST
+    if not d.is_dir():
+        raise ExportFormatError(f"export directory not found: {d}")
+    if not path.is_file():
+        raise ExportFormatError(f"{path}: missing; is {d} a directory written by `cmalign export`?")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportFormatError(f"{path}: not valid JSON ({e})") from e
+    if manifest.get("kind") != KIND:
+        raise ExportFormatError(f"{path}, field 'kind': expected '{KIND}', found {manifest.get('kind')!r}")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ExportFormatError(
+            f"{path}, field 'format_version': {manifest['format_version']} is newer than this cmalign reads "
+            f"({FORMAT_VERSION}); upgrade cmalign"
+        )
+    for field in ("graphs", "fingerprint", "embed_dim"):
+        if field not in manifest:
+            raise ExportFormatError(f"{path}: field '{field}' is missing")
+    return manifest

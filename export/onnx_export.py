@@ -1,0 +1,433 @@
+"""Export a fitted (or plain open_clip) model as two ONNX encoders, checked before anything is kept.
+
+`export_model` writes into a temporary directory next to ``out`` and renames it into place only
+after every graph has passed ``onnx.checker`` (full check), has a really dynamic batch axis, and
+matches torch eager on generated validation images and captions at batch 1, 3 and 32 within the
+bounds in :mod:`cmalign.export.manifest`. A failure raises :class:`ParityError` with the figures and
+leaves ``out`` as it was. This is the only module of the package that imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+import cmalign
+from cmalign.atomic import write_json
+from cmalign.export import manifest as mf
+from cmalign.export.preprocess import ImagePreprocessor, save_preprocess
+from cmalign.export.runtime import default_optimization, make_session
+from cmalign.export.tokenizer import ClipTokenizer, save_tokenizer
+
+PARITY_BATCHES = (1, 3, 32)
+EXPORTERS = ("dynamo", "legacy")
+
+
+class ParityError(RuntimeError):
+    """An exported graph does not reproduce torch eager closely enough; nothing was written."""
+
+
+@dataclass
+class ExportConfig:
+    source: str | None = None  # a `cmalign fit` run directory or an open_clip local-dir model directory
+    model: str | None = None  # ...or an open_clip model name (unaligned baseline)
+    pretrained: str | None = None  # tag or checkpoint file, with `model`
+    out: str = "exports/model"
+    fp16: bool = False
+    int8: bool = False
+    int8_per_channel: bool = True  # measured: per-channel weights keep int8 closer to fp32
+    opset: int = 20
+    exporter: str = "dynamo"
+    # Generated validation images for the R@1 check of each variant (0 skips it). The whole split: with
+    # 200 images one image is 0.5 points, and int8-vs-fp32 differences of 1.5 points were noise (measured).
+    retrieval_images: int = 1000
+    overwrite: bool = False
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: dict
+    seconds: float
+    variants: list[str] = field(default_factory=list)
+
+
+# -- the graphs ---------------------------------------------------------------------------------------
+
+class ImageEncoder(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels, normalize=True)
+
+
+class TextEncoder(torch.nn.Module):
+    """open_clip pools at ``argmax`` of the int64 ids (EOT has the largest id) — no float cast, so fp16 is safe."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens, normalize=True)
+
+
+@contextlib.contextmanager
+def _export_mode():
+    # The MHA fast path exports as aten::_native_multi_head_attention, which ONNX has no op for.
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def export_graph(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
+                 opset: int, exporter: str) -> str:
+    """Export with a dynamic batch axis; returns the exporter's console output (kept for the log)."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter '{exporter}': expected one of {', '.join(EXPORTERS)}")
+    if example.shape[0] < 2:
+        # The dynamo exporter silently specialises the batch axis to 1 for a batch-1 example.
+        example = torch.cat([example, example])
+    # One self-contained file per graph, unless protobuf's 2 GB limit forces the weights out.
+    external_data = sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8e9
+    log = io.StringIO()
+    with _export_mode(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        if exporter == "dynamo":
+            torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=[output_name],
+                              opset_version=opset, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              external_data=external_data, verbose=False)
+        else:
+            torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=[output_name],
+                              opset_version=opset, dynamo=False,
+                              dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+    return log.getvalue()
+
+
+def check_graph(path: Path) -> dict:
+    """onnx.checker (full) plus the two properties the runtime relies on; returns graph facts."""
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    for value in (graph.input[0], graph.output[0]):
+        dim0 = value.type.tensor_type.shape.dim[0]
+        if not dim0.dim_param:
+            raise ParityError(f"{path.name}: the batch axis of '{value.name}' is fixed at {dim0.dim_value}, "
+                              "not dynamic")
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type == "ArgMax":
+            src = producers.get(node.input[0])
+            if src is not None and src.op_type == "Cast":
+                raise ParityError(f"{path.name}: ArgMax over a Cast ({src.name}); token ids must not be cast "
+                                  "to float for pooling (breaks in fp16)")
+    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+    return {"opset": opsets.get("ai.onnx"), "ops": sorted({n.op_type for n in graph.node}),
+            "input": graph.input[0].name,
+            "input_shape": [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]}
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True))
+    model.topological_sort()  # the converter appends the input casts after their users
+    onnx.save(model.model, str(dst))
+
+
+def convert_int8(src: Path, dst: Path, per_channel: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs advice on the root logger at WARNING
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
+    finally:
+        root.setLevel(level)
+
+
+# -- parity -------------------------------------------------------------------------------------------
+
+@dataclass
+class ParityInputs:
+    """Generated validation images and captions, as torch sees them and as the runtime does."""
+
+    pixels: torch.Tensor
+    tokens: torch.Tensor
+    images: list  # PIL images
+    captions: list[str]
+
+
+def parity_inputs(preprocess_val: Callable, tokenizer: Callable, n: int = max(PARITY_BATCHES)) -> ParityInputs:
+    from cmalign.data.synth import synth_split
+
+    records = synth_split("val", n_images=n, captions_per_image=1).records
+    images = [r.image.load().convert("RGB") for r in records]
+    captions = [r.caption for r in records]
+    return ParityInputs(pixels=torch.stack([preprocess_val(im) for im in images]), tokens=tokenizer(captions),
+                        images=images, captions=captions)
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(1).min())
+
+
+def graph_parity(path: Path, variant: str, x: np.ndarray, reference: np.ndarray) -> dict:
+    """Min cosine per batch size of the ORT graph (as the runtime runs it on CPU) against torch eager."""
+    session = make_session(path, optimization=default_optimization(variant, "cpu"))
+    name = session.get_inputs()[0].name
+    out = {}
+    for bs in PARITY_BATCHES:
+        got = np.concatenate([session.run(None, {name: x[i:i + bs]})[0] for i in range(0, len(x), bs)])
+        if got.shape != reference.shape:
+            raise ParityError(f"{path.name}: output shape {got.shape} at batch {bs}, expected {reference.shape}")
+        out[f"batch_{bs}"] = _min_cosine(got.astype(np.float32), reference)
+    out["min_cosine"] = min(out.values())
+    out["max_abs_diff"] = float(np.abs(got.astype(np.float32) - reference).max())
+    return out
+
+
+def pipeline_parity(export_dir: Path, inputs: ParityInputs) -> dict:
+    """The torch-free preprocessing and tokenizer against open_clip's, on the same inputs."""
+    pre = ImagePreprocessor.from_file(export_dir / mf.PREPROCESS).batch(inputs.images)
+    tok = ClipTokenizer.from_dir(export_dir / mf.TOKENIZER_DIR)(inputs.captions)
+    return {"preprocess_max_abs_diff": float(np.abs(pre - inputs.pixels.numpy()).max()),
+            "tokens_equal": bool(np.array_equal(tok, inputs.tokens.numpy()))}
+
+
+def retrieval_r1(export_dir: Path, variant: str, n_images: int) -> dict:
+    """i→t / t→i R@1 of one variant's graphs on the generated validation split (5 captions per image)."""
+    from cmalign.data.synth import synth_split
+
+    records = synth_split("val", n_images=n_images).records
+    keys = sorted({r.key for r in records})
+    images = {r.key: r.image for r in records}
+    owner = np.asarray([keys.index(r.key) for r in records])
+    pre = ImagePreprocessor.from_file(export_dir / mf.PREPROCESS)
+    tok = ClipTokenizer.from_dir(export_dir / mf.TOKENIZER_DIR)
+    sims = []
+    for tower, batches in (("image", [pre.batch([images[k].load() for k in keys[i:i + 64]])
+                                      for i in range(0, len(keys), 64)]),
+                           ("text", [tok([r.caption for r in records[i:i + 256]])
+                                     for i in range(0, len(records), 256)])):
+        session = make_session(export_dir / mf.graph_file(tower, variant),
+                               optimization=default_optimization(variant, "cpu"))
+        name = session.get_inputs()[0].name
+        sims.append(np.concatenate([session.run(None, {name: b})[0] for b in batches]).astype(np.float32))
+    s = sims[0] @ sims[1].T
+    return {"r1_i2t": float((owner[s.argmax(1)] == np.arange(len(keys))).mean()),
+            "r1_t2i": float((s.argmax(0) == owner).mean()), "images": len(keys), "captions": len(records)}
+
+
+# -- sources ------------------------------------------------------------------------------------------
+
+def resolve_source(cfg: ExportConfig) -> tuple[str, str | None, dict]:
+    """(open_clip model name, pretrained, provenance for the manifest) from a run, a model dir or a name."""
+    if bool(cfg.source) == bool(cfg.model):
+        raise ValueError("give either a source directory (a `cmalign fit` run or an open_clip local-dir model) "
+                         "or --model NAME [--pretrained TAG|PATH], not both or neither")
+    if cfg.model:
+        return cfg.model, cfg.pretrained, {"kind": "open_clip", "model": cfg.model, "pretrained": cfg.pretrained,
+                                           "alpha_target": None}
+    if cfg.pretrained:
+        raise ValueError("--pretrained goes with --model; a run or model directory carries its own weights")
+    src = Path(cfg.source)
+    if (src / "model" / "open_clip_config.json").is_file():
+        run_manifest = _read_json(src / "manifest.json")
+        summary = _read_json(src / "summary.json")
+        info = {"kind": "cmalign-run", "run_dir": str(src.resolve()), "model": run_manifest.get("model"),
+                "pretrained": run_manifest.get("pretrained"), "alpha_target": run_manifest.get("alpha_target"),
+                "config_hash": run_manifest.get("config_hash"), "steps": run_manifest.get("steps"),
+                "gaps": {k: _gap_figures(summary.get(k, {})) for k in ("before", "after") if summary.get(k)}}
+        return f"local-dir:{src / 'model'}", None, info
+    if (src / "open_clip_config.json").is_file():
+        extra = _read_json(src / "open_clip_config.json").get("cmalign", {})
+        return f"local-dir:{src}", None, {"kind": "local-dir", "model_dir": str(src.resolve()),
+                                          "alpha_target": extra.get("alpha_target"),
+                                          "config_hash": extra.get("config_hash")}
+    if not src.exists():
+        raise FileNotFoundError(f"source not found: {src}")
+    raise FileNotFoundError(f"{src}: neither a `cmalign fit` run directory (RUN/model/open_clip_config.json) "
+                            "nor an open_clip local-dir model (open_clip_config.json)")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _gap_figures(report: dict) -> dict:
+    keep = ("raw", "centroid", "paired_residual", "mmd2", "bures", "rmg", "r1_i2t", "r1_t2i", "zeroshot_top1")
+    return {k: report[k] for k in keep if k in report}
+
+
+# -- the whole export ---------------------------------------------------------------------------------
+
+def export_model(cfg: ExportConfig, log: Callable[[str], None] = lambda msg: None) -> ExportResult:
+    """Export, check and validate; rename into ``cfg.out`` only when every graph passed."""
+    from cmalign.models import load_model
+
+    t0 = time.time()
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    model_name, pretrained, provenance = resolve_source(cfg)
+    log(f"loading {model_name}" + (f" ({pretrained})" if pretrained else ""))
+    loaded = load_model(model_name, pretrained)
+    model = loaded.model.eval()
+    if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
+        raise ValueError(f"{model_name}: not a CLIP-style model with encode_image/encode_text")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        manifest = _build(cfg, model, loaded, model_name, pretrained, provenance, tmp, log)
+        write_json(tmp / mf.MANIFEST, manifest)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out=out, manifest=manifest, seconds=time.time() - t0, variants=list(manifest["graphs"]))
+
+
+def _build(cfg, model, loaded, model_name, pretrained, provenance, tmp: Path, log) -> dict:
+    tokenizer_info = save_tokenizer(loaded.tokenizer, tmp / mf.TOKENIZER_DIR)
+    save_preprocess(loaded.preprocess_cfg, tmp)
+    inputs = parity_inputs(loaded.preprocess_val, loaded.tokenizer)
+    with torch.no_grad():
+        reference = {"image": ImageEncoder(model)(inputs.pixels).numpy(),
+                     "text": TextEncoder(model)(inputs.tokens).numpy()}
+    arrays = {"image": inputs.pixels.numpy(), "text": inputs.tokens.numpy()}
+    modules = {"image": ImageEncoder(model).eval(), "text": TextEncoder(model).eval()}
+    # HF CLIP's names; distinct from every value name inside the graphs (the dynamo exporter reuses
+    # names such as "embedding" internally, and a clash breaks SSA form).
+    input_names = {"image": "pixel_values", "text": "input_ids"}
+    output_names = {"image": "image_embeds", "text": "text_embeds"}
+
+    graphs: dict[str, dict] = {}
+    facts = {}
+    for tower in mf.TOWERS:
+        path = tmp / mf.graph_file(tower, "fp32")
+        log(f"exporting the {tower} encoder ({cfg.exporter}, opset {cfg.opset})")
+        export_graph(modules[tower], torch.from_numpy(arrays[tower][:2]), path, input_names[tower],
+                     output_names[tower], cfg.opset, cfg.exporter)
+        facts[tower] = check_graph(path)
+    variants = ["fp32"] + (["fp16"] if cfg.fp16 else []) + (["int8"] if cfg.int8 else [])
+    for variant in variants:
+        graphs[variant] = {}
+        for tower in mf.TOWERS:
+            path = tmp / mf.graph_file(tower, variant)
+            if variant == "fp16":
+                convert_fp16(tmp / mf.graph_file(tower, "fp32"), path)
+                check_graph(path)
+            elif variant == "int8":
+                convert_int8(tmp / mf.graph_file(tower, "fp32"), path, cfg.int8_per_channel)
+                check_graph(path)
+            log(f"checking {tower} {variant} against torch at batch {', '.join(map(str, PARITY_BATCHES))}")
+            parity = graph_parity(path, variant, arrays[tower], reference[tower])
+            bound = mf.MIN_COSINE[variant]
+            if not parity["min_cosine"] >= bound:
+                worst = min(PARITY_BATCHES, key=lambda b: parity[f"batch_{b}"])
+                raise ParityError(
+                    f"{tower} encoder ({variant}): min cosine to torch eager {parity['min_cosine']:.7f} at batch "
+                    f"{worst}, below the bound {bound} (short by {bound - parity['min_cosine']:.2e}); "
+                    "nothing was written"
+                )
+            graphs[variant][tower] = {"file": path.name, "sha256": mf.sha256_file(path),
+                                      "bytes": path.stat().st_size,
+                                      "dtype": "float16 inside, float32 io" if variant == "fp16" else
+                                      ("int8 weights (dynamic quantisation), float32 io" if variant == "int8"
+                                       else "float32"),
+                                      "parity": {**parity, "bound": bound}}
+    retrieval = {}
+    if cfg.retrieval_images:
+        for variant in variants:
+            log(f"retrieval check of {variant} on {cfg.retrieval_images} generated validation images")
+            retrieval[variant] = retrieval_r1(tmp, variant, cfg.retrieval_images)
+        if "int8" in retrieval:
+            drop = max(retrieval["fp32"][k] - retrieval["int8"][k] for k in ("r1_i2t", "r1_t2i"))
+            retrieval["int8"]["max_drop_vs_fp32"] = drop
+            retrieval["int8"]["bound_enforced"] = cfg.retrieval_images >= mf.INT8_R1_MIN_IMAGES
+            if drop > mf.INT8_MAX_R1_DROP and retrieval["int8"]["bound_enforced"]:
+                raise ParityError(f"int8 graphs lose {drop:.3f} R@1 against fp32 on the generated validation split "
+                                  f"(bound {mf.INT8_MAX_R1_DROP}); nothing was written. Export without --int8, or "
+                                  "try --int8-per-tensor")
+    embed_dim = int(reference["image"].shape[1])
+    size = loaded.preprocess_cfg.get("size")
+    return {
+        "kind": mf.KIND,
+        "format_version": mf.FORMAT_VERSION,
+        "cmalign_version": cmalign.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": {**provenance, "open_clip_name": model_name, "pretrained": pretrained},
+        "alpha_target": provenance.get("alpha_target"),
+        "config_hash": provenance.get("config_hash"),
+        "embed_dim": embed_dim,
+        "image_size": size,
+        "context_length": tokenizer_info["context_length"],
+        "model_cfg": loaded.model_cfg,
+        "exporter": cfg.exporter,
+        "opset": facts["image"]["opset"],
+        "inputs": {t: {"name": facts[t]["input"], "shape": facts[t]["input_shape"],
+                       "dtype": "float32" if t == "image" else "int64"} for t in mf.TOWERS},
+        "outputs": {t: {"name": output_names[t], "shape": ["batch", embed_dim], "dtype": "float32",
+                        "l2_normalised": True} for t in mf.TOWERS},
+        "text_pooling": "argmax over int64 token ids (EOT has the largest id)",
+        "preprocess": mf.PREPROCESS,
+        "tokenizer": {"dir": mf.TOKENIZER_DIR, **tokenizer_info},
+        "graphs": graphs,
+        "parity": {"inputs": f"{len(arrays['image'])} generated validation images and captions",
+                   "batch_sizes": list(PARITY_BATCHES), "reference": "torch eager fp32, CPU",
+                   "bounds_min_cosine": {v: mf.MIN_COSINE[v] for v in variants},
+                   "pipeline": pipeline_parity(tmp, inputs)},
+        "retrieval": retrieval,
+        "int8_per_channel": cfg.int8_per_channel if cfg.int8 else None,
+        "fingerprint": mf.fingerprint(tmp),
+        "versions": _versions(),
+        "settings": asdict(cfg),
+    }
+
+
+def _versions() -> dict:
+    import onnxruntime
+    import open_clip
+
+    return {"torch": torch.__version__, "open_clip": getattr(open_clip, "__version__", "unknown"),
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}

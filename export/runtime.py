@@ -1,0 +1,184 @@
+"""Run an exported model in production: onnxruntime, numpy, PIL — and no torch.
+
+    from cmalign.export import load_export
+    model = load_export("exports/b32-a005")            # CPU; provider="cuda" with onnxruntime-gpu
+    img = model.encode_images(["a.jpg", pil_image, uint8_array])   # (n, d) float32, L2-normalised
+    txt = model.encode_texts(["a red circle", "two blue squares"])
+
+Preprocessing and tokenisation are the torch-free copies in this package, tested against
+open_clip's own; the graphs output normalised embeddings, so cosine similarity is a dot product.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cmalign.export.manifest import (
+    PREPROCESS,
+    TOKENIZER_DIR,
+    ExportFormatError,
+    graph_file,
+    read_manifest,
+    sha256_file,
+)
+from cmalign.export.prefetch import prefetch_map
+from cmalign.export.preprocess import ImagePreprocessor
+from cmalign.export.tokenizer import ClipTokenizer
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class ProviderUnavailableError(RuntimeError):
+    """The asked-for execution provider is not in this onnxruntime build."""
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "onnxruntime is not installed: pip install 'cmalign[cpu]' (CPU) or 'cmalign[gpu]' (CUDA)"
+        ) from e
+    return ort
+
+
+def session_providers(provider: str) -> list:
+    """onnxruntime provider list for 'cpu', 'cuda' or 'auto' (CUDA when this build has it)."""
+    ort = _import_ort()
+    available = ort.get_available_providers()
+    if provider == "auto":
+        provider = "cuda" if PROVIDERS["cuda"] in available else "cpu"
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider '{provider}': expected one of cpu, cuda, auto")
+    if PROVIDERS[provider] not in available:
+        raise ProviderUnavailableError(
+            f"execution provider '{provider}' ({PROVIDERS[provider]}) is not available in this onnxruntime "
+            f"(available: {', '.join(available)}). For CUDA install onnxruntime-gpu: pip install 'cmalign[gpu]', "
+            "and uninstall the CPU package `onnxruntime` (installed together they hide the CUDA provider)."
+        )
+    return [PROVIDERS[provider], PROVIDERS["cpu"]] if provider == "cuda" else [PROVIDERS["cpu"]]
+
+
+def default_optimization(variant: str, provider: str) -> str:
+    # onnxruntime 1.32's CPU provider segfaults on fp16 graphs at ORT_ENABLE_ALL (measured here); one level
+    # down runs them correctly.
+    return "extended" if variant == "fp16" and provider != "cuda" else "all"
+
+
+def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None, optimization: str = "all"):
+    """An InferenceSession with graph optimisation; fails loudly if CUDA was asked for and not used."""
+    ort = _import_ort()
+    providers = session_providers(provider)
+    if optimization not in ("all", "extended", "basic", "none"):
+        raise ValueError(f"unknown optimization level '{optimization}': expected all, extended, basic or none")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[optimization]
+    if threads:
+        so.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), so, providers=providers)
+    if providers[0] != PROVIDERS["cpu"] and session.get_providers()[0] != providers[0]:
+        raise ProviderUnavailableError(
+            f"onnxruntime could not start {providers[0]} for {path} (session runs on {session.get_providers()}); "
+            "check the CUDA/cuDNN libraries onnxruntime-gpu needs"
+        )
+    return session
+
+
+class ExportedModel:
+    """An export directory loaded for inference: two sessions, a tokenizer and a preprocessor."""
+
+    def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu", variant: str = "fp32",
+                 threads: int | None = None, verify: bool = True, optimization: str | None = None):
+        self.path = Path(export_dir)
+        self.manifest = read_manifest(self.path)
+        graphs = self.manifest["graphs"]
+        if variant not in graphs:
+            raise ExportFormatError(
+                f"{self.path}: no '{variant}' graphs in this export (it has: {', '.join(graphs)}); "
+                f"export it with `cmalign export ... --{variant}`"
+            )
+        self.variant = variant
+        optimization = optimization or default_optimization(variant, provider)
+        self.fingerprint: str = self.manifest["fingerprint"]
+        self.embed_dim: int = int(self.manifest["embed_dim"])
+        self.preprocessor = ImagePreprocessor.from_file(self.path / PREPROCESS)
+        self.tokenizer = ClipTokenizer.from_dir(self.path / TOKENIZER_DIR)
+        self._sessions = {}
+        for tower in ("image", "text"):
+            entry = graphs[variant][tower]
+            file = self.path / entry.get("file", graph_file(tower, variant))
+            if not file.is_file():
+                raise ExportFormatError(f"{file}: missing (listed in {self.path / 'manifest.json'})")
+            if verify and entry.get("sha256") and sha256_file(file) != entry["sha256"]:
+                raise ExportFormatError(f"{file}: checksum differs from the manifest; the file was changed or is "
+                                        "truncated. Re-export, or pass verify=False to load it anyway")
+            self._sessions[tower] = make_session(file, provider, threads, optimization)
+        self.providers = self._sessions["image"].get_providers()
+        self.context_length = self.tokenizer.context_length
+
+    # -- arrays in, embeddings out ------------------------------------------------------------------
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Run the image graph on a preprocessed float32 batch (n, 3, H, W)."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        return self._run("image", pixels)
+
+    def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """Run the text graph on int64 token ids (n, context_length)."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
+            raise ValueError(f"token ids must have shape (n, {self.context_length}), got {tokens.shape}")
+        return self._run("text", tokens)
+
+    def _run(self, tower: str, x: np.ndarray) -> np.ndarray:
+        session = self._sessions[tower]
+        if len(x) == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
+        out = session.run(None, {session.get_inputs()[0].name: x})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    # -- user-facing ----------------------------------------------------------------------------------
+    def preprocess(self, images: Sequence) -> np.ndarray:
+        return self.preprocessor.batch(images)
+
+    def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
+        return self.tokenizer(texts)
+
+    def encode_images(self, images: Iterable, batch_size: int = 32, workers: int | None = None) -> np.ndarray:
+        """Embed image paths, PIL images or uint8 arrays; decoding runs in threads beside inference."""
+        images = list(images)
+        batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+        if not batches:
+            return np.zeros((0, self.embed_dim), np.float32)
+        workers = workers or min(4, os.cpu_count() or 1)
+        # PIL decodes and resizes outside the GIL, so the next batches are prepared while this one runs.
+        return np.concatenate([self.encode_pixels(p) for p in prefetch_map(self.preprocess, batches, workers)])
+
+    def encode_texts(self, texts: str | Iterable[str], batch_size: int = 256) -> np.ndarray:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] is {type(t).__name__}; expected str")
+        if not texts:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return np.concatenate([self.encode_tokens(self.tokenize(texts[i:i + batch_size]))
+                               for i in range(0, len(texts), batch_size)])
+
+    def __repr__(self) -> str:
+        return (f"ExportedModel({str(self.path)!r}, variant={self.variant!r}, providers={self.providers}, "
+                f"dim={self.embed_dim}, fingerprint={self.fingerprint})")
+
+
+def load_export(export_dir: str | os.PathLike, provider: str = "cpu", variant: str = "fp32",
+                threads: int | None = None, verify: bool = True, optimization: str | None = None) -> ExportedModel:
+    """Load an export directory written by `cmalign export` (see :class:`ExportedModel`)."""
+    return ExportedModel(export_dir, provider=provider, variant=variant, threads=threads, verify=verify,
+                         optimization=optimization)
