@@ -38,14 +38,14 @@ def embed_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo a shard that is already done.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ):
+    from cmalign.export.manifest import ExportFormatError
+    from cmalign.export.runtime import ProviderUnavailableError
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from cmalign.data.records import DataSchemaError
     from cmalign.embed import EmbedConfig, embed_dataset
     from cmalign.embeddings import EmbeddingsError
-    from cmalign.export.manifest import ExportFormatError
-    from cmalign.export.runtime import ProviderUnavailableError
 
     console = Console()
     cfg = EmbedConfig(export=export, data=data, out=out, shard=shard, provider=provider, variant=variant,

@@ -37,9 +37,8 @@ def export_command(
 ):
     from pathlib import Path
 
-    from rich.console import Console
-
     from cmalign.export.onnx_export import ExportConfig, ParityError, export_model
+    from rich.console import Console
 
     console = Console(stderr=quiet)
     if out is None:

@@ -16,7 +16,8 @@ import cmalign
 app = typer.Typer(
     name="cmalign",
     help="Close the modality gap of CLIP-style models: TPC-CMA fine-tuning (fit), ONNX export (export), "
-         "corpus embedding (embed) and the generated default data set (data). Run `cmalign COMMAND --help` for each command's options.",
+         "corpus embedding (embed, embed-merge) and the generated default data set (data). "
+         "Run `cmalign COMMAND --help` for each command's options.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

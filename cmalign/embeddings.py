@@ -164,8 +164,8 @@ def load_embeddings(out: str | Path) -> Embeddings:
         texts.append(txt)
         img_meta.append(meta[is_img])
         txt_meta.append(meta[~is_img])
-    d = manifest["embed_dim"]
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros((0, d), np.float32))
-    return Embeddings(image=cat(images), text=cat(texts),
+    empty = np.zeros((0, manifest["embed_dim"]), np.float32)
+    return Embeddings(image=np.concatenate(images) if images else empty,
+                      text=np.concatenate(texts) if texts else empty,
                       image_metadata=pd.concat(img_meta, ignore_index=True),
                       text_metadata=pd.concat(txt_meta, ignore_index=True), manifest=manifest)

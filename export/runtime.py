@@ -16,7 +16,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-
 from cmalign.export.manifest import (
     PREPROCESS,
     TOKENIZER_DIR,
