@@ -24,20 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-MODES = ("project", "lr", "alpha", "off")
-
-
-@dataclass
-class GradSchedulerConfig:
-    mode: str = "project"
-    max_ratio: float = 1.0
-    min_lr_scale: float = 0.25
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"scheduler mode must be one of {', '.join(MODES)}, got '{self.mode}'")
-        if self.max_ratio <= 0:
-            raise ValueError(f"scheduler.max_ratio must be > 0, got {self.max_ratio}")
+from cmalign.config import MODES, GradSchedulerConfig  # noqa: F401  (re-exported)
 
 
 @dataclass

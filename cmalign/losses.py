@@ -13,12 +13,10 @@ as ``ClipLoss(gather_with_grad=True)`` does), so the loss is the same whatever t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from open_clip.loss import ClipLoss
 
-DISTRIBUTION_TERMS = ("mmd", "coral", "bures")
+from cmalign.config import DISTRIBUTION_TERMS, CMAConfig  # noqa: F401  (re-exported)
 
 
 def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -82,25 +80,6 @@ def bures2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     fidelity = torch.linalg.matrix_norm(xd @ yd.T / n, ord="nuc")
     return ((xd * xd).sum() / n + (yd * yd).sum() / n - 2 * fidelity).clamp_min(0).to(x.dtype)
-
-
-@dataclass
-class CMAConfig:
-    lambda_centroid: float = 1.0
-    # MMD² of a real gap is ~50× smaller than its centroid² (0.015 vs 0.7 on the default base), so
-    # the distribution term gets the larger weight; with 1.0 it barely moved (README, "Measured").
-    lambda_distribution: float = 10.0
-    distribution: str = "mmd"  # mmd | coral | bures
-    mmd_bandwidths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-    # Measure the CMA term in logit units (× the detached logit scale, 100 for a trained CLIP), as
-    # the contrastive logits are: otherwise its gradients are ~100× weaker than InfoNCE's and α
-    # would need to be in the tens to matter, unlike the paper's 0.05–0.5.
-    scale_by_logit_scale: bool = True
-
-    def __post_init__(self):
-        if self.distribution not in DISTRIBUTION_TERMS:
-            raise ValueError(f"distribution term must be one of {', '.join(DISTRIBUTION_TERMS)}, "
-                             f"got '{self.distribution}'")
 
 
 class CMALoss(torch.nn.Module):

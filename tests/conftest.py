@@ -25,3 +25,20 @@ FAST_FIT = [
     "--pretrained", "random", "--batch-size", "16", "--workers", "0", "--guard-every", "0",
     "--set", "data.synth_train_images=64", "--set", "data.val_max_images=16", "--quiet",
 ]
+
+
+@pytest.fixture(scope="session")
+def base_model_dir():
+    """The embedded pretrained base (built once per cache; CI builds it on first use)."""
+    from cmalign.base_model import ensure_base_model
+
+    return ensure_base_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_export(base_model_dir, tmp_path_factory):
+    """The base model exported with every variant and the full retrieval check (one export per session)."""
+    from cmalign.export.onnx_export import ExportConfig, export_model
+
+    out = tmp_path_factory.mktemp("exports") / "tiny"
+    return export_model(ExportConfig(source=str(base_model_dir), out=str(out), fp16=True, int8=True))
