@@ -123,7 +123,7 @@ def test_int8_keeps_retrieval_within_one_point_on_the_default_validation_split(t
         r1[variant] = ((owner[s.argmax(1)] == np.arange(len(keys))).mean(), (s.argmax(0) == owner).mean())
     assert len(keys) == 1000
     assert r1["fp32"][0] > 0.05  # a real model, far above chance (0.001)
-    for fp32, int8 in zip(r1["fp32"], r1["int8"]):
+    for fp32, int8 in zip(r1["fp32"], r1["int8"], strict=True):
         assert fp32 - int8 <= 0.01, r1
     recorded = tiny_export.manifest["retrieval"]["int8"]
     assert recorded["bound_enforced"] and recorded["max_drop_vs_fp32"] <= 0.01

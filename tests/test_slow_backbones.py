@@ -21,3 +21,18 @@ def test_vit_b32_two_fit_steps(tmp_path):
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out / 'model'}")
     assert model.visual.proj.shape == (768, 512)
+
+
+@pytest.mark.slow
+def test_vit_b32_export_with_random_weights(tmp_path):
+    """ViT-B-32 (224 px, context 77) through export's parity checks at batch 1/3/32, fp32 and int8."""
+    from cmalign.export import load_export
+    from cmalign.export.onnx_export import ExportConfig, export_model
+
+    res = export_model(ExportConfig(model="ViT-B-32", out=str(tmp_path / "b32"), int8=True, retrieval_images=0))
+    m = res.manifest
+    assert m["embed_dim"] == 512 and m["context_length"] == 77 and m["image_size"] in (224, [224, 224])
+    assert m["graphs"]["fp32"]["image"]["parity"]["min_cosine"] >= 0.99999
+    assert m["graphs"]["int8"]["image"]["parity"]["min_cosine"] >= 0.98
+    rt = load_export(res.out)
+    assert rt.encode_texts(["a photo of a dog", ""]).shape == (2, 512)
