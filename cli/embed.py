@@ -38,14 +38,15 @@ def embed_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo a shard that is already done.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ):
-    from cmalign.export.manifest import ExportFormatError
-    from cmalign.export.runtime import ProviderUnavailableError
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from cmalign.data.records import DataSchemaError
     from cmalign.embed import EmbedConfig, embed_dataset
     from cmalign.embeddings import EmbeddingsError
+    from cmalign.export.manifest import ExportFormatError
+    from cmalign.export.runtime import ProviderUnavailableError
 
     console = Console()
     cfg = EmbedConfig(export=export, data=data, out=out, shard=shard, provider=provider, variant=variant,
@@ -66,34 +67,40 @@ def embed_command(
             result = embed_dataset(cfg, progress=report)
     except (DataSchemaError, EmbeddingsError, ExportFormatError, ProviderUnavailableError, FileExistsError,
             FileNotFoundError, ValueError) as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+        # escape(): paths and messages are text, not markup ("[raw]" would vanish, "[/raw]" would raise)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(code=2) from None
     if quiet:
         return
     i, n = result.shard
+    where = escape(str(result.out))
     console.print(f"shard {i}/{n}: {result.images} images, {result.texts} texts, {len(result.skipped)} skipped "
                   f"({result.seconds:.1f} s, {(result.images + result.texts) / max(result.seconds, 1e-9):.0f} "
-                  f"embeddings/s) → {result.out}")
+                  f"embeddings/s) → {where}", soft_wrap=True, highlight=False)
     if result.skipped:
-        console.print(f"skipped samples are listed in {result.out}/bad_samples/")
+        console.print(f"skipped samples are listed in {where}/bad_samples/", soft_wrap=True, highlight=False)
     if result.merged:
         console.print(f"merged {n} shard(s): {result.merged['rows']['images']} images, "
-                      f"{result.merged['rows']['texts']} texts → {result.out}/manifest.json")
+                      f"{result.merged['rows']['texts']} texts → {where}/manifest.json", soft_wrap=True,
+                      highlight=False)
     else:
-        console.print(f"not merged yet: run `cmalign embed-merge {result.out}` once all {n} shards are done")
+        console.print(f"not merged yet: run `cmalign embed-merge {where}` once all {n} shards are done",
+                      soft_wrap=True, highlight=False)
 
 
 def merge_command(
     out: Annotated[str, typer.Argument(help="Embeddings directory holding the shards.", show_default=False)],
 ):
     from rich.console import Console
+    from rich.markup import escape
 
     from cmalign.embeddings import EmbeddingsError, merge_shards
 
     try:
         manifest = merge_shards(out)
     except EmbeddingsError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(code=2) from None
     Console().print(f"merged {manifest['num_shards']} shard(s): {manifest['rows']['images']} images, "
-                    f"{manifest['rows']['texts']} texts, {manifest['skipped']} skipped → {out}/manifest.json")
+                    f"{manifest['rows']['texts']} texts, {manifest['skipped']} skipped → {escape(out)}/manifest.json",
+                    soft_wrap=True, highlight=False)

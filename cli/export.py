@@ -37,8 +37,9 @@ def export_command(
 ):
     from pathlib import Path
 
-    from cmalign.export.onnx_export import ExportConfig, ParityError, export_model
     from rich.console import Console
+
+    from cmalign.export.onnx_export import ExportConfig, ParityError, export_model
 
     console = Console(stderr=quiet)
     if out is None:

@@ -6,12 +6,12 @@ import logging
 from typing import Annotated
 
 import typer
+
+import cmalign
 from cmalign.cli import data as data_cmd
 from cmalign.cli import embed as embed_cmd
 from cmalign.cli import export as export_cmd
 from cmalign.cli import fit as fit_cmd
-
-import cmalign
 
 app = typer.Typer(
     name="cmalign",

@@ -19,7 +19,7 @@ import numpy as np
 
 import cmalign
 from cmalign.atomic import atomic_write, write_json
-from cmalign.data.records import BadSample, Record, load_image
+from cmalign.data.records import BadSample, Record
 from cmalign.embeddings import (
     EmbeddingsError,
     check_compatible,
@@ -128,15 +128,23 @@ def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | 
                                   "(pass --overwrite to redo it)")
         check_compatible(existing, identity, str(shard_paths(out, i)["manifest"]))
 
+    if index != 0:
+        # Samples the reader already skipped belong to no slice: only shard 0 lists (and counts) them, so
+        # the merged total counts each once instead of once per shard.
+        skipped = []
+    if cfg.overwrite:
+        # The merged manifest describes the shard being redone; drop it until the merge that follows.
+        (out / "manifest.json").unlink(missing_ok=True)
+
     mine = pairs[index * len(pairs) // n:(index + 1) * len(pairs) // n]
     img_emb, img_rows, bad = _embed_images(model, mine, cfg, progress)
     kept = [p for p in mine if p.pair_id not in bad]
     for p in mine:
         if p.pair_id in bad:
+            skipped.append(bad[p.pair_id])
             skipped.extend(BadSample(r.source, "caption", "its image was skipped") for r in p.captions)
     captions = [r for p in kept for r in p.captions]
     txt_emb = _embed_texts(model, [r.caption for r in captions], cfg, progress)
-    skipped.extend(bad.values())
 
     owner = {p.pair_id: p for p in kept}
     pair_of = {id(r): p.pair_id for p in kept for r in p.captions}
@@ -178,6 +186,12 @@ def _add_row(meta, modality, row, pair_id, image_path, caption, r: Record) -> No
         meta[k].append(v)
 
 
+def _preprocess(model: ExportedModel, r: Record) -> np.ndarray:
+    """As ``ExportedModel.encode_images`` (and open_clip) do: resize and crop the decoded image, then convert
+    to RGB. Converting first (``load_image``) resamples palette (P mode) images differently."""
+    return model.preprocessor(r.image if isinstance(r.image, str) else r.image.load())
+
+
 def _embed_images(model: ExportedModel, pairs: list[_Pair], cfg: EmbedConfig, progress):
     """Embeddings of the readable images, their pair ids, and a BadSample per unreadable one."""
     bad: dict[int, BadSample] = {}
@@ -186,7 +200,7 @@ def _embed_images(model: ExportedModel, pairs: list[_Pair], cfg: EmbedConfig, pr
         pixels, ids = [], []
         for p in batch:
             try:
-                pixels.append(model.preprocessor(load_image(p.image)))
+                pixels.append(_preprocess(model, p.image))
                 ids.append(p.pair_id)
             except Exception as e:  # PIL raises many types for missing or corrupt files
                 bad[p.pair_id] = BadSample(p.image.source, "image", f"{type(e).__name__}: {e}")

@@ -88,10 +88,13 @@ def check_compatible(existing: dict, new: dict, where: str) -> None:
     for field, what in (("export_fingerprint", "export"), ("num_shards", "shard count"), ("data", "data set"),
                         ("variant", "graph variant"), ("dtype", "dtype"), ("embed_dim", "embedding dim")):
         if existing.get(field) != new.get(field):
+            exports = ""
+            if field == "export_fingerprint":  # name both exports: the fingerprints alone do not say which is which
+                exports = f"; export {existing.get('export')} here, {new.get('export')} in the new shard"
             raise EmbeddingsError(
                 f"{where}: its {what} differs ({field}: {existing.get(field)!r} here, {new.get(field)!r} in the "
-                "new shard); shards of one directory must come from the same export, data set and settings. "
-                "Use another --out"
+                f"new shard{exports}); shards of one directory must come from the same export, data set and "
+                "settings. Use another --out"
             )
 
 

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+
+import cmalign
+from cmalign.atomic import write_json
 from cmalign.export import manifest as mf
 from cmalign.export.preprocess import ImagePreprocessor, save_preprocess
 from cmalign.export.runtime import default_optimization, make_session
 from cmalign.export.tokenizer import ClipTokenizer, save_tokenizer
-
-import cmalign
-from cmalign.atomic import write_json
 
 PARITY_BATCHES = (1, 3, 32)
 EXPORTERS = ("dynamo", "legacy")

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+
 from cmalign.export.manifest import (
     PREPROCESS,
     TOKENIZER_DIR,

@@ -7,10 +7,11 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from cmalign.cli.main import app
 from conftest import FAST_FIT
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
+
+from cmalign.cli.main import app
 
 runner = CliRunner()
 MIX = {"stripes": (200, 30, 30), "dots": (30, 30, 200), "plain": (30, 160, 30)}

@@ -16,13 +16,13 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from cmalign.cli.main import app
-from cmalign.export.runtime import ExportedModel
 from typer.testing import CliRunner
 
+from cmalign.cli.main import app
 from cmalign.data.synth import make_scene
 from cmalign.embed import EmbedConfig, embed_dataset
 from cmalign.embeddings import EmbeddingsError, load_embeddings, merge_shards, parse_shard
+from cmalign.export.runtime import ExportedModel
 
 runner = CliRunner()
 N_IMAGES = 40

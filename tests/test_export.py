@@ -14,15 +14,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from cmalign.cli.main import app
-from cmalign.export import ExportFormatError, ProviderUnavailableError, load_export
-from cmalign.export import manifest as mf
-from cmalign.export.onnx_export import ExportConfig, ParityError, check_graph, export_model
 from conftest import FAST_FIT
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
+from cmalign.cli.main import app
 from cmalign.data.synth import make_scene, synth_split
+from cmalign.export import ExportFormatError, ProviderUnavailableError, load_export
+from cmalign.export import manifest as mf
+from cmalign.export.onnx_export import ExportConfig, ParityError, check_graph, export_model
 from cmalign.models import load_model
 
 REPO = Path(__file__).resolve().parent.parent

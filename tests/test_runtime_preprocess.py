@@ -12,10 +12,11 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from cmalign.export.preprocess import PREPROCESS_JSON, ImagePreprocessor, save_preprocess
-from cmalign.export.tokenizer import save_tokenizer
 from open_clip import tokenizer as oc_tok
 from PIL import Image
+
+from cmalign.export.preprocess import PREPROCESS_JSON, ImagePreprocessor, save_preprocess
+from cmalign.export.tokenizer import save_tokenizer
 
 TOL = 1e-5
 SIZES = [32, 224, (48, 64), (64, 40)]

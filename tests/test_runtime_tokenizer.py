@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from open_clip import tokenizer as oc_tok
+
 from cmalign.export.tokenizer import (
     CLEAN_MODES,
     TOKENIZER_JSON,
@@ -15,7 +17,6 @@ from cmalign.export.tokenizer import (
     UnsupportedTokenizerError,
     save_tokenizer,
 )
-from open_clip import tokenizer as oc_tok
 
 TEXTS = [
     # ascii captions

@@ -4,9 +4,10 @@ import json
 
 import open_clip
 import pytest
-from cmalign.cli.main import app
 from conftest import FAST_FIT
 from typer.testing import CliRunner
+
+from cmalign.cli.main import app
 
 
 @pytest.mark.slow
