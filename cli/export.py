@@ -38,6 +38,7 @@ def export_command(
     from pathlib import Path
 
     from rich.console import Console
+    from rich.markup import escape
 
     from cmalign.export.onnx_export import ExportConfig, ParityError, export_model
 
@@ -51,19 +52,21 @@ def export_command(
     try:
         with console.status("exporting", spinner="dots") as status:
             result = export_model(cfg, log=(lambda msg: None) if quiet else
-                                  (lambda msg: (status.update(msg), console.log(msg))))
+                                  (lambda msg: (status.update(escape(msg)), console.log(escape(msg)))))
     except (ParityError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(code=2) from None
     if not quiet:
         print_summary(console, result)
 
 
 def print_summary(console, result) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     m = result.manifest
-    table = Table(title=f"{result.out}  (dim {m['embed_dim']}, opset {m['opset']}, fingerprint {m['fingerprint']})")
+    table = Table(title=f"{escape(str(result.out))}  (dim {m['embed_dim']}, opset {m['opset']}, "
+                        f"fingerprint {m['fingerprint']})")
     for col in ("graph", "size", "min cos @1/3/32", "R@1 i→t / t→i"):
         table.add_column(col, justify="left" if col == "graph" else "right")
     for variant, towers in m["graphs"].items():

@@ -168,7 +168,9 @@ def fit_command(
         result = fit(cfg, resume=resume, console=console, show_progress=not quiet)
     except (DataSchemaError, BadSampleError, RunDirectoryError, TrainingDiverged, FileNotFoundError,
             ValueError, KeyError, RuntimeError) as e:
-        console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(code=2) from None
     if not quiet:
         print_summary(console, result)
