@@ -75,7 +75,8 @@ def embed_command(
     i, n = result.shard
     where = escape(str(result.out))
     console.print(f"shard {i}/{n}: {result.images} images, {result.texts} texts, {len(result.skipped)} skipped "
-                  f"({result.seconds:.1f} s, {(result.images + result.texts) / max(result.seconds, 1e-9):.0f} "
+                  f"({result.seconds:.1f} s, of which {result.setup_seconds:.1f} s loading; "
+                  f"{(result.images + result.texts) / max(result.seconds - result.setup_seconds, 1e-9):.0f} "
                   f"embeddings/s) → {where}", soft_wrap=True, highlight=False)
     if result.skipped:
         console.print(f"skipped samples are listed in {where}/bad_samples/", soft_wrap=True, highlight=False)

@@ -64,7 +64,8 @@ class EmbedResult:
     images: int
     texts: int
     skipped: list[BadSample] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole call
+    setup_seconds: float = 0.0  # of which: loading the export (checksums, sessions) and reading the data set
     merged: dict | None = None  # the merged manifest, once every shard is there
 
 
@@ -116,6 +117,7 @@ def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | 
     out = Path(cfg.out)
     paths = shard_paths(out, index)
     pairs, skipped, data_desc = read_corpus(cfg)
+    setup_seconds = time.time() - t0
 
     identity = {"export": str(Path(cfg.export).resolve()), "export_fingerprint": model.fingerprint,
                 "model": {k: model.manifest.get(k) for k in ("alpha_target", "config_hash")} |
@@ -167,11 +169,11 @@ def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | 
     write_json(paths["manifest"], {
         **identity, "kind": "cmalign-embeddings-shard", "shard": index, "cmalign_version": cmalign.__version__,
         "rows": {"images": len(img_rows), "texts": len(captions)}, "skipped": len(skipped),
-        "seconds": round(seconds, 2), "providers": model.providers,
+        "seconds": round(seconds, 2), "setup_seconds": round(setup_seconds, 2), "providers": model.providers,
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("export", "out", "overwrite")},
     })
     result = EmbedResult(out=out, shard=(index, n), images=len(img_rows), texts=len(captions), skipped=skipped,
-                         seconds=seconds)
+                         seconds=seconds, setup_seconds=setup_seconds)
     if len(read_shard_manifests(out)) == n:
         try:
             result.merged = merge_shards(out)
