@@ -84,10 +84,21 @@ def read_shard_manifests(out: Path) -> dict[int, dict]:
 
 
 def check_compatible(existing: dict, new: dict, where: str) -> None:
-    """Shards of one directory must come from one export, one data set and one shard count."""
+    """Shards of one directory must come from one export, one data set and one shard count.
+
+    The data set is compared by file name, format and size, not by absolute path: the nodes of a
+    fan-out may mount the same data at different places.
+    """
+    def same_data(d: dict | None) -> dict:
+        d = dict(d or {})
+        d["path"] = Path(str(d.get("path", ""))).name
+        return d
+
     for field, what in (("export_fingerprint", "export"), ("num_shards", "shard count"), ("data", "data set"),
                         ("variant", "graph variant"), ("dtype", "dtype"), ("embed_dim", "embedding dim")):
-        if existing.get(field) != new.get(field):
+        differs = (same_data(existing.get(field)) != same_data(new.get(field)) if field == "data"
+                   else existing.get(field) != new.get(field))
+        if differs:
             exports = ""
             if field == "export_fingerprint":  # name both exports: the fingerprints alone do not say which is which
                 exports = f"; export {existing.get('export')} here, {new.get('export')} in the new shard"
