@@ -4,7 +4,7 @@
 
 For each model (tiny = the embedded base; ViT-B-32 with random weights) and tower, at batch 1 and
 32, the same inputs go through, interleaved in each repeat (this machine is shared and noisy):
-torch eager; the exported fp32 graph with onnxruntime's basic optimisations only; with
+torch eager; the exported fp32 graph with onnxruntime's basic optimisations only; extended; with
 ORT_ENABLE_ALL (what the runtime uses); after onnxruntime.transformers' fusions (model_type
 "clip"); and the int8 export. Reports the median items/s and the ratio to eager. Then `embed` over
 PNG files on disk against the bare sessions on already-preprocessed arrays, same model, same
@@ -34,6 +34,9 @@ from cmalign.export.runtime import make_session
 from cmalign.models import load_model
 
 RESULTS = Path(__file__).parent / "results" / "export_throughput.json"
+# onnxruntime's threads spin after each run by default; interleaved with torch that steals torch's cores
+# (tiny eager at batch 1 measured 100 ms a call), so the comparison turns spinning off.
+NO_SPIN = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
 
 def fused(src: Path, dst: Path, heads: int, width: int) -> Path:
@@ -75,10 +78,12 @@ def bench_model(name: str, work: Path, repeats: int) -> dict:
     for tower in ("image", "text"):
         fp32 = out / graph_file(tower, "fp32")
         runners = {"torch_eager": None,
-                   "ort_fp32_basic": make_session(fp32, optimization="basic"),
-                   "ort_fp32_all": make_session(fp32, optimization="all"),
-                   "ort_fp32_fused": make_session(fused(fp32, work / f"{name}-{tower}.fused.onnx", *shapes[tower])),
-                   "ort_int8": make_session(out / graph_file(tower, "int8"))}
+                   "ort_fp32_basic": make_session(fp32, optimization="basic", config=NO_SPIN),
+                   "ort_fp32_extended": make_session(fp32, optimization="extended", config=NO_SPIN),
+                   "ort_fp32_all": make_session(fp32, optimization="all", config=NO_SPIN),
+                   "ort_fp32_fused": make_session(fused(fp32, work / f"{name}-{tower}.fused.onnx", *shapes[tower]),
+                                                  config=NO_SPIN),
+                   "ort_int8": make_session(out / graph_file(tower, "int8"), config=NO_SPIN)}
         for bs in (1, 32):
             x = inputs[tower][:bs]
             times: dict[str, list[float]] = {k: [] for k in runners}

@@ -69,8 +69,12 @@ def default_optimization(variant: str, provider: str) -> str:
     return "extended" if variant == "fp16" and provider != "cuda" else "all"
 
 
-def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None, optimization: str = "all"):
-    """An InferenceSession with graph optimisation; fails loudly if CUDA was asked for and not used."""
+def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None, optimization: str = "all",
+                 config: dict[str, str] | None = None):
+    """An InferenceSession with graph optimisation; fails loudly if CUDA was asked for and not used.
+
+    ``config`` holds onnxruntime session config entries, e.g. ``{"session.intra_op.allow_spinning": "0"}``.
+    """
     ort = _import_ort()
     providers = session_providers(provider)
     if optimization not in ("all", "extended", "basic", "none"):
@@ -84,6 +88,8 @@ def make_session(path: str | Path, provider: str = "cpu", threads: int | None = 
     }[optimization]
     if threads:
         so.intra_op_num_threads = threads
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     session = ort.InferenceSession(str(path), so, providers=providers)
     if providers[0] != PROVIDERS["cpu"] and session.get_providers()[0] != providers[0]:
         raise ProviderUnavailableError(

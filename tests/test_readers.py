@@ -402,3 +402,22 @@ def test_compressed_shard_is_a_schema_error_with_a_hint(tmp_path: Path) -> None:
         tf.addfile(info, io.BytesIO(b"x"))
     with pytest.raises(DataSchemaError, match="gzip-compressed"):
         read_dataset(shard)
+
+
+@pytest.mark.parametrize("n_images,fraction,expected", [(40, 0.05, 2), (10, 0.05, 1), (200, 0.1, 20), (2, 0.5, 1)])
+def test_held_out_validation_is_the_asked_share_of_images_never_empty(tmp_path, n_images, fraction, expected):
+    """A held-out split takes round(fraction × images) whole images (at least one), wherever the data lives."""
+    from cmalign.config import DataConfig
+    from cmalign.data.sources import load_splits
+
+    rows = ["filepath\ttitle"]
+    for i in range(n_images):
+        Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(tmp_path / f"{i}.png")
+        rows += [f"{i}.png\tcaption a of {i}", f"{i}.png\tcaption b of {i}"]
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    splits = load_splits(DataConfig(train=str(tmp_path / "train.tsv"), val_fraction=fraction))
+    val_keys, train_keys = {r.key for r in splits.val}, {r.key for r in splits.train}
+    assert len(val_keys) == expected and not val_keys & train_keys
+    assert len(val_keys) + len(train_keys) == n_images and len(splits.val) == 2 * expected
+    again = load_splits(DataConfig(train=str(tmp_path / "train.tsv"), val_fraction=fraction))
+    assert {r.key for r in again.val} == val_keys

@@ -34,9 +34,14 @@ def _read(path: str, cfg) -> tuple[list[Record], list[BadSample]]:
     return res.records, res.skipped
 
 
-def _held_out(key: str, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "little")
-    return (h % 1_000_000) < fraction * 1_000_000
+def _held_out_keys(records: list[Record], fraction: float) -> set[str]:
+    """The ``fraction`` of image keys (at least one) whose hashes are smallest: deterministic, and never
+    empty on a small set (a per-key hash threshold left 40 images with none, depending on their paths)."""
+    keys = {r.key for r in records}
+    if len(keys) < 2:
+        return set()
+    k = min(len(keys) - 1, max(1, round(fraction * len(keys))))
+    return set(sorted(keys, key=lambda key: hashlib.sha1(key.encode()).digest())[:k])
 
 
 def load_splits(cfg) -> DataSplits:
@@ -57,11 +62,12 @@ def load_splits(cfg) -> DataSplits:
         desc_val = cfg.val
     else:
         kept, val = [], []
+        held_out = _held_out_keys(train, cfg.val_fraction)
         for r in train:
-            (val if _held_out(r.key, cfg.val_fraction) else kept).append(r)
+            (val if r.key in held_out else kept).append(r)
         if not val:
-            raise DataSchemaError(cfg.train, None, None, f"too few images to hold out {cfg.val_fraction:.0%} "
-                                  "for validation; pass --val")
+            raise DataSchemaError(cfg.train, None, None, f"{len({r.key for r in train})} image(s): too few to "
+                                  f"hold out {cfg.val_fraction:.0%} for validation; pass --val")
         train = kept
         desc_val = f"{cfg.val_fraction:.0%} of {cfg.train} held out by image"
     return DataSplits(train=train, val=val, skipped=skipped,
