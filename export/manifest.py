@@ -52,17 +52,26 @@ def fingerprint(export_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def read_json_object(path: str | Path, missing_hint: str = "") -> dict:
+    """A JSON object from one of the export's files; errors name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportFormatError(f"{path}: missing{missing_hint}")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportFormatError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise ExportFormatError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
 def read_manifest(export_dir: str | Path) -> dict:
     d = Path(export_dir)
     path = d / MANIFEST
     if not d.is_dir():
         raise ExportFormatError(f"export directory not found: {d}")
-    if not path.is_file():
-        raise ExportFormatError(f"{path}: missing; is {d} a directory written by `cmalign export`?")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportFormatError(f"{path}: not valid JSON ({e})") from e
+    manifest = read_json_object(path, f"; is {d} a directory written by `cmalign export`?")
     if manifest.get("kind") != KIND:
         raise ExportFormatError(f"{path}, field 'kind': expected '{KIND}', found {manifest.get('kind')!r}")
     if manifest.get("format_version", 0) > FORMAT_VERSION:

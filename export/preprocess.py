@@ -18,7 +18,6 @@ then ``convert("RGB")``, ``/ 255`` and normalisation. ``interpolation='random'``
 
 from __future__ import annotations
 
-import json
 import numbers
 import os
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from cmalign.atomic import write_json
+from cmalign.export.manifest import read_json_object
 
 PREPROCESS_JSON = "preprocess.json"
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -174,14 +174,7 @@ class ImagePreprocessor:
         p = Path(path)
         if p.is_dir():
             p = p / PREPROCESS_JSON
-        if not p.is_file():
-            raise ValueError(f"{p}: missing")
-        try:
-            cfg = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from e
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{p}: expected a JSON object, found {type(cfg).__name__}")
+        cfg = read_json_object(p)
         for k in CONFIG_KEYS:
             if k not in cfg:
                 raise ValueError(f"{p}: field '{k}' is missing")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import html
-import json
 import os
 import string
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ import numpy as np
 import regex
 
 from cmalign.atomic import atomic_write, write_json
+from cmalign.export.manifest import read_json_object
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_TYPE = "clip-bpe"
@@ -242,14 +242,7 @@ class ClipTokenizer:
         """Load a tokenizer written by `save_tokenizer`; a ValueError names the file and field of any problem."""
         d = Path(path)
         cfg_path = d / TOKENIZER_JSON
-        if not cfg_path.is_file():
-            raise ValueError(f"{cfg_path}: missing; is {d} a tokenizer directory written by `save_tokenizer`?")
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{cfg_path}: expected a JSON object, found {type(cfg).__name__}")
+        cfg = read_json_object(cfg_path, f"; is {d} a tokenizer directory written by `save_tokenizer`?")
 
         def field(name: str, check, what: str):
             if name not in cfg:
