@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -282,12 +281,7 @@ def resolve_source(cfg: ExportConfig) -> tuple[str, str | None, dict]:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return mf.read_json_object(path) if path.is_file() else {}  # a run's summary is optional
 
 
 def _gap_figures(report: dict) -> dict:
