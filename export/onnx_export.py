@@ -398,7 +398,7 @@ def _build(cfg, model, loaded, model_name, pretrained, provenance, tmp: Path, lo
         "alpha_target": provenance.get("alpha_target"),
         "config_hash": provenance.get("config_hash"),
         "embed_dim": embed_dim,
-        "image_size": size,
+        "image_size": list(size) if isinstance(size, (list, tuple)) else [size, size],  # [h, w]
         "context_length": tokenizer_info["context_length"],
         "model_cfg": loaded.model_cfg,
         "exporter": cfg.exporter,

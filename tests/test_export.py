@@ -50,7 +50,7 @@ def test_export_directory_describes_itself(tiny_export):
     out, m = tiny_export.out, tiny_export.manifest
     assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(m, default=str))
     assert m["kind"] == "cmalign-export" and m["embed_dim"] == 128 and m["context_length"] == 32
-    assert m["opset"] == 20 and m["exporter"] == "dynamo"
+    assert m["opset"] == 20 and m["exporter"] == "dynamo" and m["image_size"] == [32, 32]
     assert m["source"]["kind"] == "local-dir"
     assert set(m["graphs"]) == {"fp32", "fp16", "int8"}
     for variant, towers in m["graphs"].items():
