@@ -82,23 +82,21 @@ def read_corpus(cfg: EmbedConfig) -> tuple[list[_Pair], list[BadSample], dict]:
         from cmalign.data.synth import synth_split
 
         split = cfg.data[len(GENERATED_PREFIX):]
-        result = synth_split(split)
+        records, skipped = synth_split(split).records, []
         description = {"path": cfg.data, "format": "generated"}
     else:
-        from cmalign.data.readers import read_dataset
+        from cmalign.data.sources import read_records
 
-        result = read_dataset(cfg.data, fmt=cfg.format, image_root=cfg.image_root, csv_separator=cfg.csv_separator,
-                              image_column=cfg.image_column, caption_column=cfg.caption_column,
-                              label_column=cfg.label_column)
+        records, skipped = read_records(cfg.data, cfg)
         description = {"path": str(Path(cfg.data).resolve()), "format": cfg.format}
     pairs: dict[str, _Pair] = {}
-    for r in result.records:
+    for r in records:
         p = pairs.get(r.key)
         if p is None:
             p = pairs[r.key] = _Pair(len(pairs), r, [])
         p.captions.append(r)
-    description.update(images=len(pairs), texts=len(result.records))
-    return list(pairs.values()), list(result.skipped), description
+    description.update(images=len(pairs), texts=len(records))
+    return list(pairs.values()), list(skipped), description
 
 
 def _image_path(r: Record) -> str:

@@ -225,27 +225,24 @@ def pipeline_parity(export_dir: Path, inputs: ParityInputs) -> dict:
 
 
 def retrieval_r1(export_dir: Path, variant: str, n_images: int) -> dict:
-    """i→t / t→i R@1 of one variant's graphs on the generated validation split (5 captions per image)."""
+    """i→t / t→i R@1 of one variant's graphs on the generated validation split (5 captions per image),
+    scored exactly as `fit`'s guard scores the torch model."""
     from cmalign.data.synth import synth_split
+    from cmalign.guard import GuardSet, recall_at_1
 
-    records = synth_split("val", n_images=n_images).records
-    keys = sorted({r.key for r in records})
-    images = {r.key: r.image for r in records}
-    owner = np.asarray([keys.index(r.key) for r in records])
+    guard = GuardSet.from_records(synth_split("val", n_images=n_images).records, (), max_images=n_images)
     pre = ImagePreprocessor.from_file(export_dir / mf.PREPROCESS)
     tok = ClipTokenizer.from_dir(export_dir / mf.TOKENIZER_DIR)
-    sims = []
-    for tower, batches in (("image", [pre.batch([images[k].load() for k in keys[i:i + 64]])
-                                      for i in range(0, len(keys), 64)]),
-                           ("text", [tok([r.caption for r in records[i:i + 256]])
-                                     for i in range(0, len(records), 256)])):
+    emb = {}
+    for tower, batches in (("image", [pre.batch([r.image.load() for r in guard.images[i:i + 64]])
+                                      for i in range(0, len(guard.images), 64)]),
+                           ("text", [tok(guard.captions[i:i + 256]) for i in range(0, len(guard.captions), 256)])):
         session = make_session(export_dir / mf.graph_file(tower, variant),
                                optimization=default_optimization(variant, "cpu"))
         name = session.get_inputs()[0].name
-        sims.append(np.concatenate([session.run(None, {name: b})[0] for b in batches]).astype(np.float32))
-    s = sims[0] @ sims[1].T
-    return {"r1_i2t": float((owner[s.argmax(1)] == np.arange(len(keys))).mean()),
-            "r1_t2i": float((s.argmax(0) == owner).mean()), "images": len(keys), "captions": len(records)}
+        emb[tower] = np.concatenate([session.run(None, {name: b})[0] for b in batches]).astype(np.float32)
+    i2t, t2i = recall_at_1(emb, guard)
+    return {"r1_i2t": i2t, "r1_t2i": t2i, "images": len(guard.images), "captions": len(guard.captions)}
 
 
 # -- sources ------------------------------------------------------------------------------------------

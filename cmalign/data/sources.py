@@ -27,7 +27,8 @@ class DataSplits:
     description: dict = field(default_factory=dict)
 
 
-def _read(path: str, cfg) -> tuple[list[Record], list[BadSample]]:
+def read_records(path: str, cfg) -> tuple[list[Record], list[BadSample]]:
+    """`read_dataset` with the reader options of ``cfg`` (a DataConfig, an EmbedConfig: same field names)."""
     res = read_dataset(path, fmt=cfg.format, image_root=cfg.image_root, csv_separator=cfg.csv_separator,
                        image_column=cfg.image_column, caption_column=cfg.caption_column,
                        label_column=cfg.label_column)
@@ -55,9 +56,9 @@ def load_splits(cfg) -> DataSplits:
         val = synth.synth_split("val", seed=cfg.synth_seed).records
         return DataSplits(train=train, val=val, class_templates=synth.CLASS_TEMPLATES,
                           description={"train": f"generated (seed {cfg.synth_seed})", "val": "generated val split"})
-    train, skipped = _read(cfg.train, cfg)
+    train, skipped = read_records(cfg.train, cfg)
     if cfg.val is not None:
-        val, val_skipped = _read(cfg.val, cfg)
+        val, val_skipped = read_records(cfg.val, cfg)
         skipped += val_skipped
         desc_val = cfg.val
     else:
