@@ -154,30 +154,89 @@ class Embeddings:
     manifest: dict
 
 
+def read_merged_manifest(out: str | Path) -> dict:
+    """The merged manifest of an embeddings directory; errors say what to run when it is missing."""
+    out = Path(out)
+    path = out / "manifest.json"
+    if not out.is_dir():
+        raise EmbeddingsError(f"embeddings directory not found: {out}")
+    if not path.is_file():
+        hint = ("it holds no shards; write some with `cmalign embed EXPORT --out DIR`"
+                if not read_shard_manifests(out) else f"run `cmalign embed-merge {out}` once every shard is done")
+        raise EmbeddingsError(f"{path}: missing; {hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EmbeddingsError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
+        found = manifest.get("kind") if isinstance(manifest, dict) else type(manifest).__name__
+        raise EmbeddingsError(f"{path}, field 'kind': expected '{KIND}', found {found!r}")
+    return manifest
+
+
+@dataclass
+class Shard:
+    """One shard as written: its image and text matrices and its metadata rows (image rows, then text rows)."""
+
+    index: int
+    image: np.ndarray
+    text: np.ndarray
+    metadata: object  # pandas.DataFrame
+    paths: dict[str, Path]
+
+
+def iter_shards(out: str | Path, manifest: dict | None = None):
+    """Yield the shards of a merged directory one at a time (bounded memory), each checked against the manifest:
+    the shard's own manifest names the same export, the arrays have the manifest's dim and match the metadata."""
+    import pandas as pd
+
+    out = Path(out)
+    manifest = manifest or read_merged_manifest(out)
+    shard_manifests = read_shard_manifests(out)
+    dim = int(manifest["embed_dim"])
+    for i in range(int(manifest["num_shards"])):
+        p = shard_paths(out, i)
+        own = shard_manifests.get(i)
+        if own is None:
+            raise EmbeddingsError(f"{p['manifest']}: missing although {out / 'manifest.json'} lists shard {i}")
+        if own.get("export_fingerprint") != manifest.get("export_fingerprint"):
+            raise EmbeddingsError(
+                f"{p['manifest']}: made by export {own.get('export')} (fingerprint {own.get('export_fingerprint')}), "
+                f"but {out / 'manifest.json'} names {manifest.get('export')} ({manifest.get('export_fingerprint')}); "
+                "a shard of another export was copied in. Re-embed it, then `cmalign embed-merge`")
+        arrays = {}
+        for kind in ("image", "text"):
+            try:
+                a = np.load(p[kind])
+            except (OSError, ValueError) as e:
+                raise EmbeddingsError(f"{p[kind]}: cannot read ({e})") from e
+            if a.ndim != 2 or a.shape[1] != dim:
+                raise EmbeddingsError(f"{p[kind]}: shape {a.shape}, expected (n, {dim}) (embed_dim of "
+                                      f"{out / 'manifest.json'})")
+            arrays[kind] = a
+        try:
+            meta = pd.read_parquet(p["metadata"])
+        except (OSError, ValueError) as e:
+            raise EmbeddingsError(f"{p['metadata']}: cannot read ({e})") from e
+        is_img = meta["modality"] == "image"
+        if int(is_img.sum()) != len(arrays["image"]) or int((~is_img).sum()) != len(arrays["text"]):
+            raise EmbeddingsError(f"{p['metadata']}: {int(is_img.sum())} image and {int((~is_img).sum())} text rows, "
+                                  f"but the arrays have {len(arrays['image'])} and {len(arrays['text'])}")
+        yield Shard(i, arrays["image"], arrays["text"], meta, p)
+
+
 def load_embeddings(out: str | Path) -> Embeddings:
     """Read a merged embeddings directory; fails if it is not merged or its files disagree."""
     import pandas as pd
 
-    out = Path(out)
-    path = out / "manifest.json"
-    if not path.is_file():
-        raise EmbeddingsError(f"{path}: missing; run `cmalign embed-merge {out}` once every shard is done")
-    manifest = json.loads(path.read_text())
-    if manifest.get("kind") != KIND:
-        raise EmbeddingsError(f"{path}, field 'kind': expected '{KIND}', found {manifest.get('kind')!r}")
+    manifest = read_merged_manifest(out)
     images, texts, img_meta, txt_meta = [], [], [], []
-    for i in range(manifest["num_shards"]):
-        p = shard_paths(out, i)
-        img, txt = np.load(p["image"]), np.load(p["text"])
-        meta = pd.read_parquet(p["metadata"])
-        is_img = meta["modality"] == "image"
-        if int(is_img.sum()) != len(img) or int((~is_img).sum()) != len(txt):
-            raise EmbeddingsError(f"{p['metadata']}: {int(is_img.sum())} image and {int((~is_img).sum())} text rows, "
-                                  f"but the arrays have {len(img)} and {len(txt)}")
-        images.append(img)
-        texts.append(txt)
-        img_meta.append(meta[is_img])
-        txt_meta.append(meta[~is_img])
+    for shard in iter_shards(out, manifest):
+        is_img = shard.metadata["modality"] == "image"
+        images.append(shard.image)
+        texts.append(shard.text)
+        img_meta.append(shard.metadata[is_img])
+        txt_meta.append(shard.metadata[~is_img])
     empty = np.zeros((0, manifest["embed_dim"]), np.float32)
     return Embeddings(image=np.concatenate(images) if images else empty,
                       text=np.concatenate(texts) if texts else empty,

@@ -303,8 +303,13 @@ def test_cli_embed_and_merge(tiny_export, corpus, tmp_path):
 
 def test_load_embeddings_needs_the_merge(tmp_path):
     (tmp_path / "shards").mkdir()
+    with pytest.raises(EmbeddingsError, match=r"manifest.json: missing; it holds no shards"):
+        load_embeddings(tmp_path)
+    (tmp_path / "shards" / "shard_0000.json").write_text("{}")
     with pytest.raises(EmbeddingsError, match=r"manifest.json: missing; run `cmalign embed-merge "):
         load_embeddings(tmp_path)
+    with pytest.raises(EmbeddingsError, match=r"embeddings directory not found"):
+        load_embeddings(tmp_path / "nope")
 
 
 TORCH_FREE = textwrap.dedent("""

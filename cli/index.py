@@ -1,0 +1,121 @@
+"""`cmalign index` and `cmalign index-add`: build an IndexConfig and call :func:`cmalign.index.build_index`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+HELP = (
+    "Build one FAISS index over the image AND text embeddings of a `cmalign embed` directory (inner product on "
+    "L2-normalised vectors, int64 ids), with the id → (modality, pair_id, path, caption) table and a manifest "
+    "binding it to the export.\n\n"
+    "--factory auto picks by corpus size and --max-memory (Flat, HNSW32, IVF-Flat, IVF-PQ + refinement) and "
+    "tunes nprobe/efSearch for --recall-target recall@10 against exact search, recording the choice and the "
+    "measured recall; any faiss index_factory string works too. --on-disk builds an IVF index shard by shard "
+    "and merges its lists into OUT/index.ivfdata (corpora larger than memory)."
+)
+ADD_HELP = ("Add a merged embeddings directory (new data embedded with the same export) to an existing index "
+            "without rebuilding it, then re-tune its search knobs.")
+
+
+def _fail(e: Exception):
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code=2) from None
+
+
+def _errors():
+    from cmalign.embeddings import EmbeddingsError
+    from cmalign.index import ExportMismatchError, GpuUnavailableError, IndexBuildError, IndexFormatError
+
+    return (EmbeddingsError, IndexBuildError, IndexFormatError, ExportMismatchError, GpuUnavailableError,
+            FileExistsError, FileNotFoundError, ValueError)
+
+
+def _progress(quiet: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        disable=quiet)
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+
+    return progress, report
+
+
+def print_summary(manifest: dict, out: str, seconds: float) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    r = manifest["recall"]
+    counts = manifest["counts"]
+    params = ", ".join(f"{k}={v}" for k, v in manifest["search_params"].items()) or "exact"
+    lines = [
+        f"{escape(out)}: {manifest['ntotal']:,} vectors ({counts['image']:,} images, {counts['text']:,} texts), "
+        f"dim {manifest['dim']}, {seconds:.1f} s",
+        f"factory {escape(manifest['factory'])} ({escape(manifest['reason'])})",
+        f"search: {params}; recall@{r['k']} {r['recall_at_k']:.3f} vs exact on {r['queries']} held-out queries "
+        f"(target {r['target']}), {r['ms_per_query']:.3f} ms/query",
+    ]
+    if not r["reached"]:
+        lines.append(f"[yellow]warning:[/] the recall target {r['target']} was not reached; the knobs giving the "
+                     "best recall are set. Choose a larger index (e.g. --factory Flat or HNSW32)")
+    Console().print("\n".join(lines), soft_wrap=True, highlight=False)
+
+
+def index_command(
+    embeddings: Annotated[str, typer.Argument(help="Merged `cmalign embed` directory.", show_default=False)],
+    out: Annotated[str, typer.Option("--out", "-o", help="Index directory to write.")] = "idx/corpus",
+    factory: Annotated[str, typer.Option(help="auto, or a faiss index_factory string (Flat, HNSW32, "
+                                         "IVF4096,Flat, IVF4096,PQ64x4fs,Refine(SQ8), ...).")] = "auto",
+    max_memory: Annotated[str | None, typer.Option(help="Memory budget for auto, e.g. 8G (default: half of RAM).")
+                          ] = None,
+    recall_target: Annotated[float, typer.Option(help="recall@k vs exact search the tuned knobs must reach.")] = 0.95,
+    k: Annotated[int, typer.Option("-k", help="k of the recall the knobs are tuned for.")] = 10,
+    tune_queries: Annotated[int, typer.Option(help="Corpus vectors held out as tuning queries.")] = 1000,
+    on_disk: Annotated[bool, typer.Option("--on-disk", help="IVF only: build per shard, merge the inverted lists "
+                                          "into OUT/index.ivfdata (bounded memory).")] = False,
+    gpu: Annotated[bool, typer.Option("--gpu", help="Train and add on faiss GPU indexes (needs faiss-gpu).")] = False,
+    threads: Annotated[int | None, typer.Option(help="faiss threads (default: all cores).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the tuning queries and training sample.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index directory.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
+):
+    from cmalign.index import IndexConfig, build_index
+
+    cfg = IndexConfig(embeddings=embeddings, out=out, factory=factory, max_memory=max_memory,
+                      recall_target=recall_target, k=k, tune_queries=tune_queries, on_disk=on_disk, gpu=gpu,
+                      threads=threads, seed=seed, overwrite=overwrite)
+    progress, report = _progress(quiet)
+    try:
+        with progress:
+            result = build_index(cfg, progress=report)
+    except _errors() as e:
+        _fail(e)
+    if not quiet:
+        print_summary(result.manifest, str(result.out), result.seconds)
+
+
+def add_command(
+    index: Annotated[str, typer.Argument(help="Index directory written by `cmalign index`.", show_default=False)],
+    embeddings: Annotated[str, typer.Argument(help="Merged embeddings directory to add.", show_default=False)],
+    no_retune: Annotated[bool, typer.Option("--no-retune", help="Keep the search knobs as they are.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
+):
+    from cmalign.index import add_to_index
+
+    progress, report = _progress(quiet)
+    try:
+        with progress:
+            result = add_to_index(index, embeddings, retune=not no_retune, progress=report)
+    except _errors() as e:
+        _fail(e)
+    if not quiet:
+        print_summary(result.manifest, str(result.out), result.seconds)

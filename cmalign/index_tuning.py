@@ -1,0 +1,227 @@
+"""Search-time knobs of a FAISS index (nprobe, efSearch, refine k_factor): read, set, and tune for a recall target.
+
+Recall is measured against exact inner-product search and is *tie-tolerant*: a returned item counts as a
+hit when its exact score reaches the k-th exact score, so duplicates (the same caption twice) cannot lower
+it. faiss' ``contrib.evaluation.knn_intersection_measure`` counts id intersections and so penalises ties;
+its ``check_ref_knn_with_draws`` asserts instead of measuring — hence this small function.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+NPROBE = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096)
+EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+K_FACTOR = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def unwrap(index, kind: str):
+    """The sub-index of a kind ('ivf', 'hnsw', 'refine') inside pre-transform/refine/id-map wrappers, or None."""
+    faiss = _faiss()
+    cls = {"ivf": faiss.IndexIVF, "hnsw": faiss.IndexHNSW, "refine": faiss.IndexRefine}[kind]
+    idx = faiss.downcast_index(index)
+    while idx is not None:
+        if isinstance(idx, cls):
+            return idx
+        if isinstance(idx, faiss.IndexPreTransform):
+            idx = faiss.downcast_index(idx.index)
+        elif isinstance(idx, faiss.IndexRefine):
+            idx = faiss.downcast_index(idx.base_index)
+        elif isinstance(idx, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            idx = faiss.downcast_index(idx.index)
+        else:
+            return None
+    return None
+
+
+def get_search_params(index) -> dict:
+    """The index's current search knobs, e.g. {'nprobe': 16, 'k_factor_rf': 4}; {} for exact indexes."""
+    out = {}
+    if (ivf := unwrap(index, "ivf")) is not None:
+        out["nprobe"] = int(ivf.nprobe)
+    if (hnsw := unwrap(index, "hnsw")) is not None:
+        out["efSearch"] = int(hnsw.hnsw.efSearch)
+    if (refine := unwrap(index, "refine")) is not None:
+        out["k_factor_rf"] = int(refine.k_factor)
+    return out
+
+
+def set_search_params(index, params: dict) -> None:
+    faiss = _faiss()
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+
+
+def search_parameters(index, selector=None):
+    """faiss SearchParameters carrying ``selector`` *and* the index's current knobs.
+
+    A params object replaces the index's own settings (SearchParametersIVF's nprobe defaults to 1, HNSW's
+    efSearch to 16), so the current values are copied in. Returns (params, keep): ``keep`` holds the nested
+    SWIG objects, which must outlive the search.
+    """
+    faiss = _faiss()
+    keep = []
+
+    def build(idx):
+        idx = faiss.downcast_index(idx)
+        if isinstance(idx, faiss.IndexPreTransform):
+            p = faiss.SearchParametersPreTransform(index_params=build(idx.index))
+        elif isinstance(idx, faiss.IndexRefine):
+            p = faiss.IndexRefineSearchParameters(k_factor=idx.k_factor, base_index_params=build(idx.base_index))
+        elif isinstance(idx, faiss.IndexIVF):
+            p = faiss.SearchParametersIVF(nprobe=idx.nprobe, max_codes=idx.max_codes)
+        elif isinstance(idx, faiss.IndexHNSW):
+            p = faiss.SearchParametersHNSW(efSearch=idx.hnsw.efSearch)
+        else:
+            p = faiss.SearchParameters()
+        if selector is not None:
+            p.sel = selector
+        keep.append(p)
+        return p
+
+    return build(index), keep
+
+
+def exact_knn(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    faiss = _faiss()
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return flat.search(queries, min(k, len(vectors)))
+
+
+def exact_knn_blocks(blocks, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over a corpus given as (id offset, vectors) blocks: one block in memory at a time."""
+    dists, ids = [], []
+    for offset, block in blocks:
+        if len(block) == 0:
+            continue
+        d, i = exact_knn(block, queries, k)
+        dists.append(d)
+        ids.append(np.where(i >= 0, i + offset, -1))
+    dist, idx = np.hstack(dists), np.hstack(ids)
+    order = np.argsort(-dist, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
+
+
+def tie_tolerant_recall(gather, queries: np.ndarray, found: np.ndarray, kth_exact: np.ndarray, k: int,
+                        exclude: np.ndarray | None = None, tol: float = 1e-5) -> float:
+    """Share of the k returned ids (``found``, per query; -1 = none) whose exact score reaches the k-th exact score.
+
+    ``gather(ids)`` returns the corpus vectors of ``ids``; ``exclude[i]`` is an id not to count for query i
+    (the query itself when the queries come from the corpus).
+    """
+    wanted = np.unique(found[found >= 0])
+    vectors = dict(zip(wanted.tolist(), gather(wanted), strict=True)) if len(wanted) else {}
+    hits = 0
+    for i in range(len(queries)):
+        ids = found[i][found[i] >= 0]
+        if exclude is not None:
+            ids = ids[ids != exclude[i]]
+        ids = ids[:k]
+        if len(ids):
+            scores = np.stack([vectors[j] for j in ids.tolist()]) @ queries[i]
+            hits += min(int(np.sum(scores >= kth_exact[i] - tol)), k)
+    return hits / (k * len(queries))
+
+
+@dataclass
+class RecallProbe:
+    """Queries drawn from the corpus with their exact k-th scores (the query itself left out)."""
+
+    gather: object  # ids -> float32 vectors
+    queries: np.ndarray
+    query_ids: np.ndarray
+    kth_exact: np.ndarray
+    k: int
+
+    @classmethod
+    def sample(cls, vectors: np.ndarray, k: int = 10, n_queries: int = 1000, seed: int = 0) -> RecallProbe:
+        return cls.from_blocks(lambda: [(0, vectors)], lambda ids: vectors[ids], len(vectors), k, n_queries, seed)
+
+    @classmethod
+    def from_blocks(cls, blocks, gather, n: int, k: int = 10, n_queries: int = 1000, seed: int = 0) -> RecallProbe:
+        """``blocks()`` yields (id offset, vectors) over the whole corpus, ``gather(ids)`` reads given rows."""
+        ids = sample_ids(n, n_queries, seed)
+        queries = np.ascontiguousarray(gather(ids), dtype=np.float32)
+        dist, idx = exact_knn_blocks(blocks(), queries, k + 1)
+        kth = np.empty(len(ids), np.float32)
+        for i, q in enumerate(ids):
+            others = dist[i][(idx[i] != q) & (idx[i] >= 0)]
+            kth[i] = others[min(k, len(others)) - 1] if len(others) else np.inf
+        return cls(gather, queries, ids, kth, k)
+
+    def measure(self, index) -> tuple[float, float]:
+        """(recall@k, ms per query) of ``index`` as it is set now."""
+        t0 = time.perf_counter()
+        _, found = index.search(self.queries, self.k + 1)
+        ms = 1000 * (time.perf_counter() - t0) / len(self.query_ids)
+        return tie_tolerant_recall(self.gather, self.queries, found, self.kth_exact, self.k, self.query_ids), ms
+
+
+def sample_ids(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Sorted distinct ids in [0, n), deterministic from the seed."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
+
+
+@dataclass
+class Tuning:
+    params: dict
+    recall: float
+    ms_per_query: float
+    reached: bool
+    target: float
+    tried: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "recall_at_k": round(self.recall, 4),
+                "ms_per_query": round(self.ms_per_query, 4), "target": self.target, "reached": self.reached,
+                "tried": self.tried}
+
+
+def tune(index, probe: RecallProbe, target: float = 0.95) -> Tuning:
+    """Set the cheapest search knobs that reach ``target`` recall@k on ``probe`` (the best ones if none does)."""
+    knobs = get_search_params(index)
+    tried: list[dict] = []
+
+    def trial(params: dict) -> dict:
+        set_search_params(index, params)
+        recall, ms = probe.measure(index)
+        row = {**params, "recall": round(recall, 4), "ms_per_query": round(ms, 4)}
+        tried.append(row)
+        return row
+
+    if not knobs:  # exact index: nothing to tune, but measure it so the manifest says what it does
+        row = trial({})
+        return Tuning({}, row["recall"], row["ms_per_query"], row["recall"] >= target, target, tried)
+
+    ivf = unwrap(index, "ivf")
+    main_name, main_values = (("nprobe", [v for v in NPROBE if v <= ivf.nlist] + ([ivf.nlist] if ivf.nlist not in NPROBE
+                                                                                     else []))
+                              if ivf is not None else ("efSearch", list(EF_SEARCH)))
+    main_values = sorted(set(main_values))
+    k_factors = list(K_FACTOR) if "k_factor_rf" in knobs else [None]
+    reaching = []
+    for kf in k_factors:
+        for v in main_values:
+            params = {main_name: v} | ({"k_factor_rf": kf} if kf is not None else {})
+            row = trial(params)
+            if row["recall"] >= target:
+                reaching.append(row)
+                break
+    if reaching:
+        best = min(reaching, key=lambda r: r["ms_per_query"])
+    else:
+        best = max(tried, key=lambda r: (r["recall"], -r["ms_per_query"]))
+    params = {k: v for k, v in best.items() if k not in ("recall", "ms_per_query")}
+    set_search_params(index, params)
+    return Tuning(params, best["recall"], best["ms_per_query"], best["recall"] >= target, target, tried)
