@@ -34,6 +34,7 @@ from cmalign.atomic import _umask, write_json
 from cmalign.embeddings import EmbeddingsError, iter_shards, read_merged_manifest, read_shard_manifests, shard_paths
 from cmalign.index_choice import (
     FLAT_MAX,
+    HNSW_EF_CONSTRUCTION,
     HNSW_MAX,
     IndexChoiceError,
     choose_index,
@@ -95,6 +96,7 @@ class IndexConfig:
     tune_queries: int = 1000  # corpus vectors used as queries to tune and measure recall
     flat_max: int = FLAT_MAX
     hnsw_max: int = HNSW_MAX
+    hnsw_ef_construction: int = HNSW_EF_CONSTRUCTION  # graph quality of HNSW builds (faiss' default is 40)
     on_disk: bool = False  # IVF only: one block per shard, merged into IDX/index.ivfdata (bounded memory)
     gpu: bool = False
     threads: int | None = None  # faiss OpenMP threads (default: all cores)
@@ -265,7 +267,7 @@ def _to_gpu(faiss, index):
         return None
 
 
-def _make_index(faiss, factory: str, d: int):
+def _make_index(faiss, factory: str, d: int, ef_construction: int = HNSW_EF_CONSTRUCTION):
     try:
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
@@ -273,6 +275,8 @@ def _make_index(faiss, factory: str, d: int):
                               f"{str(e).strip().splitlines()[-1]}") from e
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise IndexBuildError(f"--factory {factory!r} builds an index that ignores the inner-product metric")
+    if (hnsw := unwrap(index, "hnsw")) is not None:
+        hnsw.hnsw.efConstruction = ef_construction
     return index
 
 
@@ -352,7 +356,7 @@ def build_index(cfg: IndexConfig, progress: Progress | None = None) -> IndexResu
         factory, reason = choice.factory, choice.reason
     else:
         factory, reason = cfg.factory, "given with --factory"
-    index = _make_index(faiss, factory, d)
+    index = _make_index(faiss, factory, d, cfg.hnsw_ef_construction)
     if cfg.on_disk and not isinstance(faiss.downcast_index(index), faiss.IndexIVF):
         raise IndexBuildError(f"--on-disk needs a plain IVF index (e.g. IVF{nlist_for(n)},Flat or "
                               f"IVF{nlist_for(n)},PQ{pq_m(d)}; no pre-transform or refinement), not {factory!r}")
@@ -543,12 +547,14 @@ class JointIndex:
         self.dim = int(self.manifest["dim"])
         self._modality = self.ids["modality"].to_numpy()
         self._bitmaps: dict[str, np.ndarray] = {}
+        self.gpu_index = None
         if gpu:
+            # The GPU copy (knobs copied by the cloner) serves unfiltered searches; faiss GPU indexes take no
+            # IDSelector, so modality-filtered searches stay on the CPU index.
             _check_gpu(faiss)
-            moved = _to_gpu(faiss, self.index)
-            if moved is None:
+            self.gpu_index = _to_gpu(faiss, self.index)
+            if self.gpu_index is None:
                 raise GpuUnavailableError(f"{self.manifest['factory']} has no faiss GPU version; search it on the CPU")
-            self.index = moved
 
     @property
     def fingerprint(self) -> str:
@@ -582,6 +588,8 @@ class JointIndex:
         k = int(k)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if self.gpu_index is not None and modality == "any":
+            return self.gpu_index.search(queries, k)
         available = self.count(modality)
         want = min(k, available)
         selector = self._selector(modality) if modality != "any" else None

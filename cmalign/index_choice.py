@@ -24,6 +24,9 @@ from dataclasses import dataclass
 FLAT_MAX = 50_000
 HNSW_MAX = 500_000
 HNSW_M = 32
+# faiss' default efConstruction (40) built graphs that needed efSearch 384-768 for recall@10 0.95 on clustered
+# 512-d vectors here; at 128 the same recall took efSearch 16-24 (10x faster queries) for ~5x the build time.
+HNSW_EF_CONSTRUCTION = 128
 
 
 class IndexChoiceError(ValueError):

@@ -36,6 +36,21 @@ def base_model_dir():
 
 
 @pytest.fixture(scope="session")
+def alignment_runs(base_model_dir, tmp_path_factory):
+    """α = 0 and α = 0.5 fits of the default recipe from the embedded base, 120 steps each: {α: FitResult}."""
+    from cmalign.config import load_config
+    from cmalign.fit import fit
+
+    out = {}
+    for alpha in (0.0, 0.5):
+        cfg = load_config(overrides={"alpha_target": alpha, "train.steps": 120, "train.guard_every": 0,
+                                     "train.checkpoint_every": 0,
+                                     "train.out": str(tmp_path_factory.mktemp("q") / f"a{alpha}")})
+        out[alpha] = fit(cfg, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_export(base_model_dir, tmp_path_factory):
     """The base model exported with every variant and the full retrieval check (one export per session)."""
     from cmalign.export.onnx_export import ExportConfig, export_model

@@ -4,21 +4,10 @@ recipe; benchmarks/alpha_gap.py measures the full-length figures."""
 
 import pytest
 
-from cmalign.config import load_config
-from cmalign.fit import fit
-
-STEPS = 120
-
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = {}
-    for alpha in (0.0, 0.5):
-        cfg = load_config(overrides={"alpha_target": alpha, "train.steps": STEPS, "train.guard_every": 0,
-                                     "train.checkpoint_every": 0,
-                                     "train.out": str(tmp_path_factory.mktemp("q") / f"a{alpha}")})
-        out[alpha] = fit(cfg, show_progress=False)
-    return out
+def runs(alignment_runs):
+    return alignment_runs
 
 
 def test_base_model_has_a_clip_like_gap(runs):
