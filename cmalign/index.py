@@ -1,7 +1,8 @@
 """The joint image+text FAISS index: one index over both modalities, for mixed-modality search.
 
     IDX/index.faiss     one FAISS index, inner product over L2-normalised vectors; int64 ids 0..n-1 in the
-                        order of the embeddings (per shard: its images, then its texts; parts in order added)
+                        order added: the embeddings in order (per shard its images, then its texts), except
+                        the tuning sample, held out while the knobs are tuned and added last
     IDX/index.ivfdata   the inverted lists of an on-disk IVF index (``on_disk=True``), beside index.faiss
     IDX/ids.parquet     id → modality, pair_id, part, shard, row, image_path, caption, label, key, source
     IDX/manifest.json   the export that made the embeddings (fingerprint), the factory and why it was chosen,
@@ -46,6 +47,7 @@ from cmalign.index_choice import (
 )
 from cmalign.index_tuning import (
     RecallProbe,
+    Tuning,
     get_search_params,
     sample_ids,
     search_parameters,
@@ -134,6 +136,7 @@ def clean_vectors(a: np.ndarray, where: str, first_row: int = 0) -> tuple[np.nda
 
 @dataclass
 class _ShardRef:
+    part: int  # which embeddings directory (in the order added to the CorpusVectors)
     index: int
     offset: int  # id of the shard's first image
     images: int
@@ -150,13 +153,15 @@ class CorpusVectors:
 
     def __init__(self):
         self.shards: list[_ShardRef] = []
+        self.parts = 0
         self.n = 0
         self.max_norm_deviation = 0.0
 
     def add_dir(self, out: Path, manifest: dict) -> None:
         for i, rows in enumerate(_shard_rows(out, manifest)):
-            self.shards.append(_ShardRef(i, self.n, rows[0], rows[1], shard_paths(out, i)))
+            self.shards.append(_ShardRef(self.parts, i, self.n, rows[0], rows[1], shard_paths(out, i)))
             self.n += rows[0] + rows[1]
+        self.parts += 1
 
     def _read(self, ref: _ShardRef, mmap: bool = False) -> np.ndarray:
         mode = "r" if mmap else None
@@ -299,7 +304,7 @@ def _train(faiss, index, sample: np.ndarray, factory: str, gpu: bool) -> None:
         raise IndexBuildError(f"training {factory!r} on {len(sample)} vectors left it untrained")
 
 
-def _add(faiss, index, vectors: np.ndarray, first_id: int, progress: Progress | None, done: int, total: int,
+def _add(index, vectors: np.ndarray, first_id: int, progress: Progress | None, done: int, total: int,
          chunk: int = 65536) -> None:
     # Sequential adds: faiss gives every index type the ids ntotal, ntotal+1, ... — the id table's order.
     if index.ntotal != first_id:
@@ -361,37 +366,30 @@ def build_index(cfg: IndexConfig, progress: Progress | None = None) -> IndexResu
         raise IndexBuildError(f"--on-disk needs a plain IVF index (e.g. IVF{nlist_for(n)},Flat or "
                               f"IVF{nlist_for(n)},PQ{pq_m(d)}; no pre-transform or refinement), not {factory!r}")
 
-    probe = RecallProbe.from_blocks(corpus.blocks, corpus.gather, n, k=cfg.k, n_queries=cfg.tune_queries,
-                                    seed=cfg.seed)
+    probe = RecallProbe.held_out(corpus.blocks, corpus.gather, n, k=cfg.k, n_queries=cfg.tune_queries, seed=cfg.seed)
     ivf = unwrap(index, "ivf")
     train_size = 0
     if not index.is_trained:
         train_size = ivf_train_size(n, ivf.nlist) if ivf is not None else min(n, 100_000)
         if progress:
             progress("training", 0, 1)
-        _train(faiss, index, _training_sample(corpus, train_size, probe.query_ids, cfg.seed), factory, cfg.gpu)
+        held = probe.positions if probe is not None else np.zeros(0, np.int64)
+        _train(faiss, index, _training_sample(corpus, train_size, held, cfg.seed), factory, cfg.gpu)
         if progress:
             progress("training", 1, 1)
 
     tmp = _temp_dir(out)
     try:
         if cfg.on_disk:
-            index = _build_on_disk(faiss, index, corpus, tmp, progress)
+            index, order, tuning = _build_on_disk(faiss, index, corpus, probe, cfg.recall_target, tmp, progress)
         else:
             target = _to_gpu(faiss, index) if cfg.gpu else None
-            done = 0
-            for offset, block in corpus.blocks():
-                _add(faiss, target or index, block, offset, progress, done, n)
-                done += len(block)
+            order, tuning = fill_and_tune(target or index, corpus, probe, cfg.recall_target, progress)
             if target is not None:
                 index = faiss.index_gpu_to_cpu(target)
         if index.ntotal != n:
             raise IndexBuildError(f"the index holds {index.ntotal} vectors after adding {n}")
-        if progress:
-            progress("tuning", 0, 1)
-        tuning = tune(index, probe, cfg.recall_target)
-        if progress:
-            progress("tuning", 1, 1)
+        ids = _reorder(ids, order, first_id=0)
         if not cfg.on_disk:
             faiss.write_index(index, str(tmp / INDEX_FILE))
         _write_ids(tmp / IDS_FILE, ids)
@@ -405,8 +403,7 @@ def build_index(cfg: IndexConfig, progress: Progress | None = None) -> IndexResu
             "memory": {"budget_bytes": budget, "estimate_bytes": estimate_bytes(factory, n, d)},
             "on_disk": cfg.on_disk, "files": {"index": INDEX_FILE, "ids": IDS_FILE} |
                                             ({"ivfdata": IVFDATA_FILE} if cfg.on_disk else {}),
-            "search_params": tuning.params, "recall": tuning.to_dict() | {"k": cfg.k, "queries": len(probe.query_ids),
-                                                                         "protocol": RECALL_PROTOCOL},
+            "search_params": tuning.params if tuning else {}, "recall": _recall_entry(tuning, probe),
             "parts": [_part(emb_dir, manifest, 0, 0, n)],
             "build": {"seconds": round(time.time() - t0, 2), "train_size": train_size, "gpu": cfg.gpu,
                       "threads": faiss.omp_get_max_threads(), "max_norm_deviation": corpus.max_norm_deviation},
@@ -421,8 +418,90 @@ def build_index(cfg: IndexConfig, progress: Progress | None = None) -> IndexResu
     return IndexResult(out, result_manifest, time.time() - t0)
 
 
-RECALL_PROTOCOL = ("corpus vectors sampled as queries (held out of IVF training), exact inner-product top-k as "
-                   "truth with the query itself left out, tie-tolerant (a hit scores at least the k-th exact score)")
+RECALL_PROTOCOL = ("a sample of the corpus held out as queries: kept out of IVF training and out of the index while "
+                   "it is tuned, then added last; truth is exact inner-product top-k over the rest; tie-tolerant (a "
+                   "hit scores at least the k-th exact score)")
+
+
+def _recall_entry(tuning: Tuning | None, probe: RecallProbe | None) -> dict:
+    if tuning is None or probe is None:
+        return {"measured": False, "reason": "corpus too small to hold out tuning queries", "reached": True,
+                "protocol": RECALL_PROTOCOL}
+    return tuning.to_dict() | {"measured": True, "k": probe.k, "queries": len(probe.positions),
+                               "protocol": RECALL_PROTOCOL}
+
+
+class ArrayVectors:
+    """An in-memory corpus with CorpusVectors' interface (for benchmarks and callers holding arrays)."""
+
+    def __init__(self, vectors: np.ndarray, block: int = 100_000):
+        self.vectors, self.n, self.block = vectors, len(vectors), block
+
+    def blocks(self):
+        for s in range(0, self.n, self.block):
+            yield s, self.vectors[s:s + self.block]
+
+    def gather(self, positions: np.ndarray) -> np.ndarray:
+        return self.vectors[np.asarray(positions)]
+
+
+def add_order(n: int, held_out: np.ndarray | None) -> np.ndarray:
+    """Corpus positions in the order they are added (= their ids): the corpus in order, the held-out sample last."""
+    if held_out is None or not len(held_out):
+        return np.arange(n)
+    keep = np.ones(n, bool)
+    keep[held_out] = False
+    return np.concatenate([np.flatnonzero(keep), np.asarray(held_out)])
+
+
+def fill_and_tune(index, corpus, probe: RecallProbe | None, target: float, progress: Progress | None = None,
+                  first_id: int = 0, position_offset: int = 0, gather_old=None) -> tuple[np.ndarray, Tuning | None]:
+    """Add ``corpus`` to a trained ``index`` (whose next id is ``first_id``), the probe's queries last: the rest
+    first, then tune the search knobs on the probe (queries the index has not seen), then add them.
+
+    ``probe.positions`` count from ``position_offset`` (the corpus's place in a larger one). Returns the add
+    order (corpus positions, so id = first_id + i for order[i]) and the tuning (None without a probe).
+    ``gather_old(ids)`` reads vectors of the ids below ``first_id`` (an index being extended).
+    """
+    held = None if probe is None else probe.positions - position_offset
+    order = add_order(corpus.n, held)
+    keep = np.ones(corpus.n, bool)
+    if held is not None:
+        keep[held] = False
+    done = 0
+    for offset, block in corpus.blocks():
+        mask = keep[offset:offset + len(block)]
+        _add(index, block[mask], first_id + done, progress, done, corpus.n)
+        done += int(mask.sum())
+    tuning = None
+    if probe is not None:
+        if progress:
+            progress("tuning", 0, 1)
+        def gather(ids):
+            ids = np.asarray(ids, dtype=np.int64)
+            new = ids >= first_id
+            parts = {}
+            if new.any():
+                parts[True] = corpus.gather(order[ids[new] - first_id])
+            if (~new).any():
+                parts[False] = gather_old(ids[~new])
+            out = np.empty((len(ids), next(iter(parts.values())).shape[1]), np.float32)
+            for which, v in parts.items():
+                out[new if which else ~new] = v
+            return out
+
+        tuning = tune(index, probe, gather, target)
+        if progress:
+            progress("tuning", 1, 1)
+        _add(index, probe.queries, first_id + done, progress, done, corpus.n)
+    return order, tuning
+
+
+def _reorder(ids, order: np.ndarray, first_id: int):
+    """The id table in add order, with ids first_id, first_id + 1, ..."""
+    table = ids.iloc[order].reset_index(drop=True)
+    table["id"] = np.arange(first_id, first_id + len(table), dtype=np.int64)
+    return table
 
 
 def _part(emb_dir: Path, manifest: dict, part: int, first_id: int, n: int) -> dict:
@@ -443,18 +522,24 @@ def _write_ids(path: Path, ids) -> None:
     ids.to_parquet(path, index=False)
 
 
-def _build_on_disk(faiss, trained, corpus: CorpusVectors, tmp: Path, progress: Progress | None):
+def _build_on_disk(faiss, trained, corpus: CorpusVectors, probe: RecallProbe | None, target: float, tmp: Path,
+                   progress: Progress | None):
     """FAISS's on-disk recipe (faiss/contrib/ondisk.py): one block index per shard, then merge the inverted lists
-    into IDX/index.ivfdata. Memory holds one shard and the lists being merged, not the corpus."""
+    into IDX/index.ivfdata. Memory holds one shard and the lists being merged, not the corpus. The held-out
+    tuning queries are added to the merged index after tuning, as in :func:`fill_and_tune`."""
     from faiss.contrib.ondisk import merge_ondisk
 
+    held = probe.positions if probe is not None else None
+    order = add_order(corpus.n, held)
+    id_of = np.empty(corpus.n, np.int64)
+    id_of[order] = np.arange(corpus.n)
     blocks_dir = tmp / "blocks"
     blocks_dir.mkdir()
     trained_bytes = faiss.serialize_index(trained)
     names, done = [], 0
     for i, (offset, block) in enumerate(corpus.blocks()):
         ivf = faiss.deserialize_index(trained_bytes)  # already downcast; a second wrapper would not own it
-        ivf.add_with_ids(block, np.arange(offset, offset + len(block), dtype=np.int64))
+        ivf.add_with_ids(block, id_of[offset:offset + len(block)])
         name = str(blocks_dir / f"block_{i:04d}.index")
         faiss.write_index(ivf, name)
         names.append(name)
@@ -463,10 +548,18 @@ def _build_on_disk(faiss, trained, corpus: CorpusVectors, tmp: Path, progress: P
             progress("adding", done, corpus.n)
     index = faiss.deserialize_index(trained_bytes)
     merge_ondisk(index, names, str(tmp / IVFDATA_FILE))
-    faiss.write_index(index, str(tmp / INDEX_FILE))
     shutil.rmtree(blocks_dir)
+    tuning = None
+    if probe is not None:
+        # The merged lists are read-only, so the held-out queries are in them (with the last ids); the tuning
+        # searches leave those ids out. IVF centroids were trained without them, so this is the same as adding
+        # them last.
+        first_held = corpus.n - len(probe.positions)
+        outside = faiss.IDSelectorNot(faiss.IDSelectorRange(first_held, corpus.n))
+        tuning = tune(index, probe, lambda ids: corpus.gather(order[np.asarray(ids)]), target, selector=outside)
+    faiss.write_index(index, str(tmp / INDEX_FILE))
     # Read it back the way search will, so the lists point at IDX/index.ivfdata wherever IDX ends up.
-    return faiss.read_index(str(tmp / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    return faiss.read_index(str(tmp / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR), order, tuning
 
 
 def _temp_dir(out: Path) -> Path:
@@ -687,36 +780,42 @@ def add_to_index(index_dir: str | Path, embeddings: str | Path, retune: bool = T
         raise EmbeddingsError(f"{emb_dir}: holds no embeddings; nothing to add")
     if not index.is_trained:  # pragma: no cover - every written index is trained
         raise IndexBuildError(f"{index_dir}: the index is not trained")
-    done = 0
-    for offset, block in corpus.blocks():
-        _add(faiss, index, block, first + offset, progress, done, corpus.n)
-        done += len(block)
+
+    # Re-tuning needs every earlier part's vectors (truth is exact search over all); the held-out queries are
+    # drawn from the new part, which is what an index that grows sees next.
+    old = _all_parts(manifest["parts"]) if retune else None
+    probe, gather_old = None, None
+    if old is not None:
+        combined = _all_parts(manifest["parts"])
+        combined.add_dir(emb_dir, new_manifest)
+        settings = manifest.get("settings", {})
+        probe = RecallProbe.held_out(combined.blocks, combined.gather, combined.n, k=settings.get("k", 10),
+                                     n_queries=settings.get("tune_queries", 1000), seed=settings.get("seed", 0) + part,
+                                     candidates=np.arange(old.n, combined.n))
+        position_of_id = _positions(old_ids, old)
+        gather_old = lambda ids: old.gather(position_of_id[np.asarray(ids)])  # noqa: E731
+    order, tuning = fill_and_tune(index, corpus, probe, manifest["recall"].get("target", 0.95), progress,
+                                  first_id=first, position_offset=old.n if old is not None else 0,
+                                  gather_old=gather_old)
     if index.ntotal != first + corpus.n:
         raise IndexBuildError(f"the index holds {index.ntotal} vectors after adding {corpus.n} to {first}")
 
     import pandas as pd
 
-    ids = pd.concat([old_ids, new_ids], ignore_index=True)
+    ids = pd.concat([old_ids, _reorder(new_ids, order, first)], ignore_index=True)
     new = dict(manifest)
     new["parts"] = manifest["parts"] + [_part(emb_dir, new_manifest, part, first, corpus.n)]
     new["ntotal"], new["counts"] = int(index.ntotal), _counts(ids)
     new["memory"] = dict(manifest["memory"], estimate_bytes=estimate_bytes(manifest["factory"], int(index.ntotal),
                                                                              int(manifest["dim"])))
     new["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    if retune:
-        everything = _all_parts(new["parts"])
-        if everything is None:
-            new["recall"] = dict(manifest["recall"], stale="an earlier part's embeddings directory is gone; recall "
-                                                           "not re-measured after the add")
-        else:
-            settings = manifest.get("settings", {})
-            probe = RecallProbe.from_blocks(everything.blocks, everything.gather, everything.n,
-                                            k=manifest["recall"].get("k", 10),
-                                            n_queries=settings.get("tune_queries", 1000), seed=settings.get("seed", 0))
-            tuning = tune(index, probe, manifest["recall"].get("target", 0.95))
-            new["search_params"] = tuning.params
-            new["recall"] = tuning.to_dict() | {"k": probe.k, "queries": len(probe.query_ids),
-                                                "protocol": RECALL_PROTOCOL}
+    if tuning is not None:
+        new["search_params"] = tuning.params
+        new["recall"] = _recall_entry(tuning, probe) | {"after_add": part}
+    else:
+        why = ("--no-retune" if not retune else "an earlier part's embeddings directory is gone" if old is None
+               else "the new part is too small to hold out queries")
+        new["recall"] = dict(manifest["recall"], stale=f"not re-measured after adding part {part} ({why})")
     tmp = _temp_dir(index_dir)
     try:
         faiss.write_index(index, str(tmp / INDEX_FILE))
@@ -727,6 +826,18 @@ def add_to_index(index_dir: str | Path, embeddings: str | Path, retune: bool = T
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return IndexResult(index_dir, new, time.time() - t0)
+
+
+def _positions(ids, corpus: CorpusVectors) -> np.ndarray:
+    """Corpus position (in ``corpus``, all parts in order) of every id of an id table."""
+    starts = {(ref.part, ref.index): ref.offset for ref in corpus.shards}
+    images = {(ref.part, ref.index): ref.images for ref in corpus.shards}
+    keys = list(zip(ids["part"].tolist(), ids["shard"].tolist(), strict=True))
+    offset = np.array([starts[k] for k in keys], np.int64)
+    n_img = np.array([images[k] for k in keys], np.int64)
+    row = ids["row"].to_numpy(np.int64)
+    is_text = (ids["modality"] == "text").to_numpy()
+    return offset + np.where(is_text, n_img + row, row)
 
 
 def _all_parts(parts: list[dict]) -> CorpusVectors | None:

@@ -99,35 +99,39 @@ def exact_knn(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndar
     return flat.search(queries, min(k, len(vectors)))
 
 
-def exact_knn_blocks(blocks, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k over a corpus given as (id offset, vectors) blocks: one block in memory at a time."""
+def exact_knn_blocks(blocks, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over a corpus given as (position offset, vectors) blocks, one block in memory at a time;
+    positions in ``exclude`` are left out."""
     dists, ids = [], []
     for offset, block in blocks:
+        positions = np.arange(offset, offset + len(block))
+        if exclude is not None and len(exclude):
+            keep = ~np.isin(positions, exclude)
+            block, positions = block[keep], positions[keep]
         if len(block) == 0:
             continue
         d, i = exact_knn(block, queries, k)
         dists.append(d)
-        ids.append(np.where(i >= 0, i + offset, -1))
+        ids.append(np.where(i >= 0, positions[np.maximum(i, 0)], -1))
+    if not dists:
+        return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
     dist, idx = np.hstack(dists), np.hstack(ids)
     order = np.argsort(-dist, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
 
 
 def tie_tolerant_recall(gather, queries: np.ndarray, found: np.ndarray, kth_exact: np.ndarray, k: int,
-                        exclude: np.ndarray | None = None, tol: float = 1e-5) -> float:
+                        tol: float = 1e-5) -> float:
     """Share of the k returned ids (``found``, per query; -1 = none) whose exact score reaches the k-th exact score.
 
-    ``gather(ids)`` returns the corpus vectors of ``ids``; ``exclude[i]`` is an id not to count for query i
-    (the query itself when the queries come from the corpus).
+    ``gather(ids)`` returns the indexed vectors of ``ids``.
     """
     wanted = np.unique(found[found >= 0])
     vectors = dict(zip(wanted.tolist(), gather(wanted), strict=True)) if len(wanted) else {}
     hits = 0
     for i in range(len(queries)):
-        ids = found[i][found[i] >= 0]
-        if exclude is not None:
-            ids = ids[ids != exclude[i]]
-        ids = ids[:k]
+        ids = found[i][found[i] >= 0][:k]
         if len(ids):
             scores = np.stack([vectors[j] for j in ids.tolist()]) @ queries[i]
             hits += min(int(np.sum(scores >= kth_exact[i] - tol)), k)
@@ -136,36 +140,41 @@ def tie_tolerant_recall(gather, queries: np.ndarray, found: np.ndarray, kth_exac
 
 @dataclass
 class RecallProbe:
-    """Queries drawn from the corpus with their exact k-th scores (the query itself left out)."""
+    """Held-out queries with their exact k-th scores over the rest of the corpus.
 
-    gather: object  # ids -> float32 vectors
+    The queries are corpus vectors kept *out* of the index while it is tuned (and added after), so the
+    recall is that of queries the index has never seen, as a user's are.
+    """
+
     queries: np.ndarray
-    query_ids: np.ndarray
+    positions: np.ndarray  # corpus positions of the queries
     kth_exact: np.ndarray
     k: int
 
     @classmethod
-    def sample(cls, vectors: np.ndarray, k: int = 10, n_queries: int = 1000, seed: int = 0) -> RecallProbe:
-        return cls.from_blocks(lambda: [(0, vectors)], lambda ids: vectors[ids], len(vectors), k, n_queries, seed)
+    def held_out(cls, blocks, gather, n: int, k: int = 10, n_queries: int = 1000, seed: int = 0,
+                 candidates: np.ndarray | None = None) -> RecallProbe | None:
+        """``blocks()`` yields (position offset, vectors) over the whole corpus, ``gather(positions)`` reads rows;
+        queries are drawn from ``candidates`` (default: all positions). None if the corpus is too small to spare
+        any (fewer than 5 vectors)."""
+        pool = np.arange(n) if candidates is None else np.asarray(candidates)
+        size = min(n_queries, len(pool) // 5)
+        if size < 1:
+            return None
+        positions = np.sort(pool[sample_ids(len(pool), size, seed)])
+        queries = np.ascontiguousarray(gather(positions), dtype=np.float32)
+        k = min(k, n - size)
+        dist, _ = exact_knn_blocks(blocks(), queries, k, exclude=positions)
+        return cls(queries, positions, dist[:, k - 1].astype(np.float32), k)
 
-    @classmethod
-    def from_blocks(cls, blocks, gather, n: int, k: int = 10, n_queries: int = 1000, seed: int = 0) -> RecallProbe:
-        """``blocks()`` yields (id offset, vectors) over the whole corpus, ``gather(ids)`` reads given rows."""
-        ids = sample_ids(n, n_queries, seed)
-        queries = np.ascontiguousarray(gather(ids), dtype=np.float32)
-        dist, idx = exact_knn_blocks(blocks(), queries, k + 1)
-        kth = np.empty(len(ids), np.float32)
-        for i, q in enumerate(ids):
-            others = dist[i][(idx[i] != q) & (idx[i] >= 0)]
-            kth[i] = others[min(k, len(others)) - 1] if len(others) else np.inf
-        return cls(gather, queries, ids, kth, k)
-
-    def measure(self, index) -> tuple[float, float]:
-        """(recall@k, ms per query) of ``index`` as it is set now."""
+    def measure(self, index, gather, selector=None) -> tuple[float, float]:
+        """(recall@k, ms per query) of ``index`` as it is set now; ``gather(ids)`` reads indexed vectors by id;
+        ``selector`` (a faiss IDSelector) restricts the search, e.g. to leave the queries' own ids out."""
+        params, _keep = search_parameters(index, selector) if selector is not None else (None, None)
         t0 = time.perf_counter()
-        _, found = index.search(self.queries, self.k + 1)
-        ms = 1000 * (time.perf_counter() - t0) / len(self.query_ids)
-        return tie_tolerant_recall(self.gather, self.queries, found, self.kth_exact, self.k, self.query_ids), ms
+        _, found = index.search(self.queries, self.k, params=params)
+        ms = 1000 * (time.perf_counter() - t0) / len(self.queries)
+        return tie_tolerant_recall(gather, self.queries, found, self.kth_exact, self.k), ms
 
 
 def sample_ids(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -188,14 +197,16 @@ class Tuning:
                 "tried": self.tried}
 
 
-def tune(index, probe: RecallProbe, target: float = 0.95) -> Tuning:
-    """Set the cheapest search knobs that reach ``target`` recall@k on ``probe`` (the best ones if none does)."""
+def tune(index, probe: RecallProbe, gather, target: float = 0.95, selector=None) -> Tuning:
+    """Set the cheapest search knobs that reach ``target`` recall@k on ``probe`` (the best ones if none does).
+
+    ``gather(ids)`` reads the indexed vectors by index id (for the exact scores of what comes back)."""
     knobs = get_search_params(index)
     tried: list[dict] = []
 
     def trial(params: dict) -> dict:
         set_search_params(index, params)
-        recall, ms = probe.measure(index)
+        recall, ms = probe.measure(index, gather, selector)
         row = {**params, "recall": round(recall, 4), "ms_per_query": round(ms, 4)}
         tried.append(row)
         return row

@@ -15,6 +15,22 @@ from __future__ import annotations
 import numpy as np
 
 
+def pair_set_positions(ids) -> np.ndarray:
+    """Position in ``[images; texts]`` (as :func:`cmalign.embeddings.load_embeddings` concatenates them, shard by
+    shard) of every id of an index's id table; the index must hold one embeddings directory."""
+    if (ids["part"] != 0).any():
+        raise ValueError("the index holds several embeddings directories (index-add); give it one")
+    shard = ids["shard"].to_numpy()
+    row = ids["row"].to_numpy(np.int64)
+    is_image = (ids["modality"] == "image").to_numpy()
+    n_shards = int(shard.max()) + 1 if len(shard) else 0
+    img_count = np.bincount(shard[is_image], minlength=n_shards)
+    txt_count = np.bincount(shard[~is_image], minlength=n_shards)
+    img_start = np.concatenate([[0], np.cumsum(img_count)[:-1]]).astype(np.int64)
+    txt_start = np.concatenate([[0], np.cumsum(txt_count)[:-1]]).astype(np.int64)
+    return np.where(is_image, img_start[shard] + row, int(img_count.sum()) + txt_start[shard] + row)
+
+
 def _ranks(queries: np.ndarray, self_ids: np.ndarray, corpus: np.ndarray, partner_mask_of, block: int = 512):
     """1-based rank of each query's best partner among all corpus items but itself (ties count against it)."""
     ranks = np.empty(len(queries), np.int64)
@@ -31,8 +47,8 @@ def _ranks(queries: np.ndarray, self_ids: np.ndarray, corpus: np.ndarray, partne
 
 def mixed_modality_report(image_emb: np.ndarray, text_emb: np.ndarray, image_pair: np.ndarray,
                           text_pair: np.ndarray, k: int = 10, index=None) -> dict:
-    """Figures of the joint set ``[images; texts]``; ``index`` (a :class:`cmalign.index.JointIndex` over exactly
-    that set, in that order) is used for the top-k shares when given."""
+    """Figures of the joint set ``[images; texts]``; ``index`` (a :class:`cmalign.index.JointIndex` built from the
+    embeddings directory these arrays were loaded from) is used for the top-k shares when given."""
     image_emb = np.asarray(image_emb, np.float32)
     text_emb = np.asarray(text_emb, np.float32)
     image_pair, text_pair = np.asarray(image_pair), np.asarray(text_pair)
@@ -41,12 +57,15 @@ def mixed_modality_report(image_emb: np.ndarray, text_emb: np.ndarray, image_pai
     is_image = np.zeros(len(corpus), bool)
     is_image[:n_img] = True
     pair = np.concatenate([image_pair, text_pair])
-    if index is not None and len(index) != len(corpus):
-        raise ValueError(f"the index holds {len(index)} items, the pair set {len(corpus)}")
+    if index is not None:
+        if len(index) != len(corpus):
+            raise ValueError(f"the index holds {len(index)} items, the pair set {len(corpus)}")
+        position_of_id = pair_set_positions(index.ids)
 
     def top_k(query_ids):
         if index is not None:
             _, ids = index.search(corpus[query_ids], k + 1)
+            ids = np.where(ids >= 0, position_of_id[np.maximum(ids, 0)], -1)
         else:
             scores = corpus[query_ids] @ corpus.T
             ids = np.argsort(-scores, axis=1, kind="stable")[:, :k + 1]

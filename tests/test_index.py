@@ -26,8 +26,8 @@ from cmalign.index import (
     build_index,
 )
 from cmalign.index_choice import choose_index, parse_memory
-from cmalign.index_tuning import exact_knn, tie_tolerant_recall
-from cmalign.mixed import mixed_modality_report
+from cmalign.index_tuning import exact_knn, tie_tolerant_recall, unwrap
+from cmalign.mixed import mixed_modality_report, pair_set_positions
 from cmalign.search import Searcher
 
 runner = CliRunner()
@@ -59,16 +59,13 @@ def queries(test_emb):
 def _recall_vs_exact(index: JointIndex, corpus: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
     dist, _ = exact_knn(corpus, queries, k)
     _, found = index.search(queries, k)
-    return tie_tolerant_recall(lambda ids: corpus[ids], queries, found, dist[:, k - 1], k)
+    position = pair_set_positions(index.ids)  # index id -> row of [images; texts]
+    return tie_tolerant_recall(lambda ids: corpus[position[ids]], queries, found, dist[:, k - 1], k)
 
 
 def _corpus(emb_dir) -> np.ndarray:
     e = load_embeddings(emb_dir)
-    # index ids: per shard, its images then its texts
-    from cmalign.embeddings import iter_shards
-
-    return np.concatenate([np.concatenate([s.image, s.text]) for s in iter_shards(emb_dir)]).astype(np.float32) \
-        if e.manifest["num_shards"] else None
+    return np.concatenate([e.image, e.text]).astype(np.float32)
 
 
 def test_auto_picks_flat_for_the_default_split_and_it_is_exact(val_emb, queries, tmp_path):
@@ -80,10 +77,25 @@ def test_auto_picks_flat_for_the_default_split_and_it_is_exact(val_emb, queries,
     assert m["export"]["fingerprint"] == json.loads((val_emb / "manifest.json").read_text())["export_fingerprint"]
     index = JointIndex(tmp_path / "idx")
     assert _recall_vs_exact(index, _corpus(val_emb), queries) == 1.0
+    _check_id_table(index, [val_emb])
+
+
+def _check_id_table(index: JointIndex, emb_dirs) -> None:
+    """Every id's vector in the index is the embedding its id-table row names (part, shard, modality, row)."""
+    from cmalign.embeddings import iter_shards
+
     ids = index.ids
-    assert list(ids["id"]) == list(range(6000))
-    # ids follow the shards: shard 0's images, then its texts, then shard 1's
-    assert list(ids["modality"].iloc[:500]) == ["image"] * 500 and ids["modality"].iloc[500] == "text"
+    assert list(ids["id"]) == list(range(len(index)))
+    arrays = {(part, s.index): {"image": s.image, "text": s.text}
+              for part, d in enumerate(emb_dirs) for s in iter_shards(d)}
+    probe = np.random.default_rng(0).choice(len(index), size=300, replace=False)
+    expected = np.stack([arrays[(ids["part"][i], ids["shard"][i])][ids["modality"][i]][ids["row"][i]]
+                         for i in probe])
+    ivf = unwrap(index.index, "ivf")
+    if ivf is not None:
+        ivf.make_direct_map()  # lets faiss reconstruct a vector from its id
+    stored = index.index.reconstruct_batch(probe.astype(np.int64))
+    np.testing.assert_allclose(stored, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5)
 
 
 @pytest.mark.parametrize("limits, kind", [
@@ -187,12 +199,13 @@ def test_add_extends_the_index_without_rebuilding(val_emb, test_emb, tmp_path, f
     assert r.exit_code == 0, r.output
     after = JointIndex(idx)
     assert len(after) == 12000 and after.manifest["counts"] == {"image": 2000, "text": 10000}
-    assert list(after.ids["id"]) == list(range(12000))
     assert (after.ids["part"].iloc[6000:] == 1).all() and len(after.manifest["parts"]) == 2
-    # the old entries are unchanged; the new ones are findable
-    q = load_embeddings(test_emb).image[:5]  # the test split's images get ids 6000, 6001, ...
+    _check_id_table(after, [val_emb, test_emb])
+    # the old entries keep their ids; the new ones are findable
+    assert after.ids.iloc[:6000].equals(before.ids)
+    q = load_embeddings(test_emb).image[:5]
     _, ids = after.search(q, 1)
-    assert list(ids[:, 0]) == [6000, 6001, 6002, 6003, 6004]
+    assert (ids[:, 0] >= 6000).all()
     _, old_ids = before.search(q, 1)
     assert (old_ids < 6000).all()
     assert after.manifest["recall"]["recall_at_k"] >= 0.95
