@@ -89,7 +89,7 @@ def run_size(n: int, d: int, seed: int, factories: list[str], budget: int) -> di
             ivf_train = min(n, 64 * nlist if "IVF" in factory else n)
             index.train(corpus[rng.choice(n, size=max(ivf_train, 39 * nlist), replace=False)])
         train_s = time.time() - t0
-        order, tuning = fill_and_tune(index, vectors, probe, 0.95)  # as `cmalign index`: add, tune on held-out, add
+        index, order, tuning = fill_and_tune(index, vectors, probe, 0.95)  # as `cmalign index` does
         build_s = time.time() - t0
         tune_s = sum(r["ms_per_query"] for r in tuning.tried) * len(probe.queries) / 1000
         speed, found = qps(index, queries)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -34,6 +35,32 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike):
+    """Yield a fresh directory beside ``out`` to fill; on success it replaces ``out`` (an existing one only once
+    the new one is complete), on failure it is removed and ``out`` is left as it was.
+
+    A directory cannot be swapped in one atomic step: the old one is renamed aside, the new one renamed in,
+    then the old one deleted, so a crash between the two renames leaves ``.NAME.old-PID`` holding it.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -185,6 +185,22 @@ class Shard:
     paths: dict[str, Path]
 
 
+def checked_shard_manifests(out: Path, manifest: dict) -> dict[int, dict]:
+    """Every shard the merged manifest lists, each made by the export the merged manifest names."""
+    shards = read_shard_manifests(out)
+    for i in range(int(manifest["num_shards"])):
+        own = shards.get(i)
+        where = shard_paths(out, i)["manifest"]
+        if own is None:
+            raise EmbeddingsError(f"{where}: missing although {out / 'manifest.json'} lists shard {i}")
+        if own.get("export_fingerprint") != manifest.get("export_fingerprint"):
+            raise EmbeddingsError(
+                f"{where}: made by export {own.get('export')} (fingerprint {own.get('export_fingerprint')}), but "
+                f"{out / 'manifest.json'} names {manifest.get('export')} ({manifest.get('export_fingerprint')}); a "
+                "shard of another export was copied in. Re-embed it, then `cmalign embed-merge`")
+    return {i: shards[i] for i in range(int(manifest["num_shards"]))}
+
+
 def iter_shards(out: str | Path, manifest: dict | None = None):
     """Yield the shards of a merged directory one at a time (bounded memory), each checked against the manifest:
     the shard's own manifest names the same export, the arrays have the manifest's dim and match the metadata."""
@@ -192,18 +208,10 @@ def iter_shards(out: str | Path, manifest: dict | None = None):
 
     out = Path(out)
     manifest = manifest or read_merged_manifest(out)
-    shard_manifests = read_shard_manifests(out)
+    checked_shard_manifests(out, manifest)
     dim = int(manifest["embed_dim"])
     for i in range(int(manifest["num_shards"])):
         p = shard_paths(out, i)
-        own = shard_manifests.get(i)
-        if own is None:
-            raise EmbeddingsError(f"{p['manifest']}: missing although {out / 'manifest.json'} lists shard {i}")
-        if own.get("export_fingerprint") != manifest.get("export_fingerprint"):
-            raise EmbeddingsError(
-                f"{p['manifest']}: made by export {own.get('export')} (fingerprint {own.get('export_fingerprint')}), "
-                f"but {out / 'manifest.json'} names {manifest.get('export')} ({manifest.get('export_fingerprint')}); "
-                "a shard of another export was copied in. Re-embed it, then `cmalign embed-merge`")
         arrays = {}
         for kind in ("image", "text"):
             try:

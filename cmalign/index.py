@@ -20,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 import cmalign
-from cmalign.atomic import _umask, write_json
-from cmalign.embeddings import EmbeddingsError, iter_shards, read_merged_manifest, read_shard_manifests, shard_paths
+from cmalign.atomic import atomic_dir, write_json
+from cmalign.embeddings import EmbeddingsError, checked_shard_manifests, iter_shards, read_merged_manifest, shard_paths
 from cmalign.index_choice import (
     FLAT_MAX,
     HNSW_EF_CONSTRUCTION,
@@ -200,20 +198,8 @@ class CorpusVectors:
 
 def _shard_rows(out: Path, manifest: dict) -> list[tuple[int, int]]:
     """(images, texts) per shard as the shard manifests record them, checked to come from the merged export."""
-    shards = read_shard_manifests(out)
-    rows = []
-    for i in range(int(manifest["num_shards"])):
-        own = shards.get(i)
-        where = shard_paths(out, i)["manifest"]
-        if own is None:
-            raise EmbeddingsError(f"{where}: missing although {out / 'manifest.json'} lists shard {i}")
-        if own.get("export_fingerprint") != manifest.get("export_fingerprint"):
-            raise EmbeddingsError(
-                f"{where}: made by export {own.get('export')} (fingerprint {own.get('export_fingerprint')}), but "
-                f"{out / 'manifest.json'} names {manifest.get('export')} ({manifest.get('export_fingerprint')}); a "
-                "shard of another export was copied in. Re-embed it, then `cmalign embed-merge`")
-        rows.append((int(own["rows"]["images"]), int(own["rows"]["texts"])))
-    return rows
+    shards = checked_shard_manifests(out, manifest)
+    return [(int(shards[i]["rows"]["images"]), int(shards[i]["rows"]["texts"])) for i in sorted(shards)]
 
 
 def _read_id_table(out: Path, manifest: dict, part: int, first_id: int):
@@ -378,15 +364,14 @@ def build_index(cfg: IndexConfig, progress: Progress | None = None) -> IndexResu
         if progress:
             progress("training", 1, 1)
 
-    tmp = _temp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         if cfg.on_disk:
             index, order, tuning = _build_on_disk(faiss, index, corpus, probe, cfg.recall_target, tmp, progress)
         else:
             target = _to_gpu(faiss, index) if cfg.gpu else None
-            order, tuning = fill_and_tune(target or index, corpus, probe, cfg.recall_target, progress)
-            if target is not None:
-                index = faiss.index_gpu_to_cpu(target)
+            # GPU: add there, then tune and finish on the CPU copy that is saved (the knobs are the CPU index's)
+            index, order, tuning = fill_and_tune(target or index, corpus, probe, cfg.recall_target, progress,
+                                                 to_cpu=faiss.index_gpu_to_cpu if target is not None else None)
         if index.ntotal != n:
             raise IndexBuildError(f"the index holds {index.ntotal} vectors after adding {n}")
         ids = _reorder(ids, order, first_id=0)
@@ -411,10 +396,6 @@ def build_index(cfg: IndexConfig, progress: Progress | None = None) -> IndexResu
             "versions": _versions(faiss),
         }
         write_json(tmp / MANIFEST, result_manifest)
-        _commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return IndexResult(out, result_manifest, time.time() - t0)
 
 
@@ -455,13 +436,14 @@ def add_order(n: int, held_out: np.ndarray | None) -> np.ndarray:
 
 
 def fill_and_tune(index, corpus, probe: RecallProbe | None, target: float, progress: Progress | None = None,
-                  first_id: int = 0, position_offset: int = 0, gather_old=None) -> tuple[np.ndarray, Tuning | None]:
+                  first_id: int = 0, position_offset: int = 0, gather_old=None, to_cpu=None):
     """Add ``corpus`` to a trained ``index`` (whose next id is ``first_id``), the probe's queries last: the rest
     first, then tune the search knobs on the probe (queries the index has not seen), then add them.
 
-    ``probe.positions`` count from ``position_offset`` (the corpus's place in a larger one). Returns the add
-    order (corpus positions, so id = first_id + i for order[i]) and the tuning (None without a probe).
-    ``gather_old(ids)`` reads vectors of the ids below ``first_id`` (an index being extended).
+    ``probe.positions`` count from ``position_offset`` (the corpus's place in a larger one). Returns the index
+    (``to_cpu(index)`` if given, applied before tuning: a GPU build), the add order (corpus positions, so
+    id = first_id + i for order[i]) and the tuning (None without a probe). ``gather_old(ids)`` reads vectors
+    of the ids below ``first_id`` (an index being extended).
     """
     held = None if probe is None else probe.positions - position_offset
     order = add_order(corpus.n, held)
@@ -473,6 +455,8 @@ def fill_and_tune(index, corpus, probe: RecallProbe | None, target: float, progr
         mask = keep[offset:offset + len(block)]
         _add(index, block[mask], first_id + done, progress, done, corpus.n)
         done += int(mask.sum())
+    if to_cpu is not None:
+        index = to_cpu(index)
     tuning = None
     if probe is not None:
         if progress:
@@ -494,7 +478,7 @@ def fill_and_tune(index, corpus, probe: RecallProbe | None, target: float, progr
         if progress:
             progress("tuning", 1, 1)
         _add(index, probe.queries, first_id + done, progress, done, corpus.n)
-    return order, tuning
+    return index, order, tuning
 
 
 def _reorder(ids, order: np.ndarray, first_id: int):
@@ -560,25 +544,6 @@ def _build_on_disk(faiss, trained, corpus: CorpusVectors, probe: RecallProbe | N
     faiss.write_index(index, str(tmp / INDEX_FILE))
     # Read it back the way search will, so the lists point at IDX/index.ivfdata wherever IDX ends up.
     return faiss.read_index(str(tmp / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR), order, tuning
-
-
-def _temp_dir(out: Path) -> Path:
-    """A fresh directory beside ``out`` (same file system, so the final rename is atomic), with open()'s mode."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    return tmp
-
-
-def _commit_dir(tmp: Path, out: Path) -> None:
-    """Move the finished directory into place; an existing one is replaced only after the new one is complete."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 # -- loading and searching ---------------------------------------------------------------------------------
@@ -794,9 +759,9 @@ def add_to_index(index_dir: str | Path, embeddings: str | Path, retune: bool = T
                                      candidates=np.arange(old.n, combined.n))
         position_of_id = _positions(old_ids, old)
         gather_old = lambda ids: old.gather(position_of_id[np.asarray(ids)])  # noqa: E731
-    order, tuning = fill_and_tune(index, corpus, probe, manifest["recall"].get("target", 0.95), progress,
-                                  first_id=first, position_offset=old.n if old is not None else 0,
-                                  gather_old=gather_old)
+    index, order, tuning = fill_and_tune(index, corpus, probe, manifest["recall"].get("target", 0.95), progress,
+                                         first_id=first, position_offset=old.n if old is not None else 0,
+                                         gather_old=gather_old)
     if index.ntotal != first + corpus.n:
         raise IndexBuildError(f"the index holds {index.ntotal} vectors after adding {corpus.n} to {first}")
 
@@ -816,15 +781,10 @@ def add_to_index(index_dir: str | Path, embeddings: str | Path, retune: bool = T
         why = ("--no-retune" if not retune else "an earlier part's embeddings directory is gone" if old is None
                else "the new part is too small to hold out queries")
         new["recall"] = dict(manifest["recall"], stale=f"not re-measured after adding part {part} ({why})")
-    tmp = _temp_dir(index_dir)
-    try:
+    with atomic_dir(index_dir) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
         _write_ids(tmp / IDS_FILE, ids)
         write_json(tmp / MANIFEST, new)
-        _commit_dir(tmp, index_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return IndexResult(index_dir, new, time.time() - t0)
 
 

@@ -12,9 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -26,7 +23,7 @@ import onnx
 import torch
 
 import cmalign
-from cmalign.atomic import write_json
+from cmalign.atomic import atomic_dir, write_json
 from cmalign.export import manifest as mf
 from cmalign.export.preprocess import ImagePreprocessor, save_preprocess
 from cmalign.export.runtime import default_optimization, make_session
@@ -330,22 +327,9 @@ def export_model(cfg: ExportConfig, log: Callable[[str], None] = lambda msg: Non
     if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
         raise ValueError(f"{model_name}: not a CLIP-style model with encode_image/encode_text")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         manifest = _build(cfg, model, loaded, model_name, pretrained, provenance, tmp, log)
         write_json(tmp / mf.MANIFEST, manifest)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(out=out, manifest=manifest, seconds=time.time() - t0, variants=list(manifest["graphs"]))
 
 

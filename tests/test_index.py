@@ -119,7 +119,8 @@ def test_choice_follows_size_and_memory():
     d = 512
     assert choose_index(10_000, d, parse_memory("8G")).factory == "Flat"
     assert choose_index(200_000, d, parse_memory("8G")).factory == "HNSW32"
-    assert choose_index(2_000_000, d, parse_memory("8G")).factory == "IVF4096,Flat"
+    assert choose_index(1_000_000, d, parse_memory("8G")).factory == "HNSW32"
+    assert choose_index(3_000_000, d, parse_memory("8G")).factory == "IVF8192,Flat"
     big = choose_index(20_000_000, d, parse_memory("16G"))
     assert big.factory.startswith("IVF16384,PQ64x4fs,Refine(SQ8)") and big.bytes_estimate <= parse_memory("16G")
     assert "HNSW" not in choose_index(200_000, d, parse_memory("300M")).factory  # the graph does not fit
