@@ -183,6 +183,16 @@ def test_cli_index_search_json_and_table(val_emb, tmp_path):
     assert all(h["modality"] == "image" and h["image_path"] for h in out[0]["hits"])
     r = runner.invoke(app, ["search", str(idx), "--text", "two blue squares", "-k", "3"])
     assert r.exit_code == 0 and "rank" in r.output and "score" in r.output
+    # an image file as the query: it finds itself (the validation image it was rendered from)
+    from cmalign.data.synth import synth_split
+
+    row = JointIndex(idx).ids.query("modality == 'image'").iloc[11]
+    record = next(rec for rec in synth_split("val").records if rec.key == row["key"])
+    record.image.load().save(tmp_path / "query.png")
+    r = runner.invoke(app, ["search", str(idx), "--image", str(tmp_path / "query.png"), "-k", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    top = json.loads(r.output)[0]["hits"][0]
+    assert top["modality"] == "image" and top["pair_id"] == row["pair_id"] and top["score"] > 0.999
     r = runner.invoke(app, ["index", str(val_emb), "--out", str(idx)])
     assert r.exit_code == 2 and "exists" in r.output
     r = runner.invoke(app, ["search", str(idx), "--image", str(tmp_path / "missing.png")])
