@@ -56,15 +56,21 @@ def print_summary(manifest: dict, out: str, seconds: float) -> None:
 
     r = manifest["recall"]
     counts = manifest["counts"]
+    if not r.get("measured", True) or "recall_at_k" not in r:
+        recall = f"recall not measured ({r.get('reason') or r.get('stale') or 'no tuning'})"
+    else:
+        recall = (f"recall@{r['k']} {r['recall_at_k']:.3f} vs exact on {r['queries']} held-out queries "
+                  f"(target {r['target']}), {r['ms_per_query']:.3f} ms/query")
     params = ", ".join(f"{k}={v}" for k, v in manifest["search_params"].items()) or "exact"
     lines = [
         f"{escape(out)}: {manifest['ntotal']:,} vectors ({counts['image']:,} images, {counts['text']:,} texts), "
         f"dim {manifest['dim']}, {seconds:.1f} s",
         f"factory {escape(manifest['factory'])} ({escape(manifest['reason'])})",
-        f"search: {params}; recall@{r['k']} {r['recall_at_k']:.3f} vs exact on {r['queries']} held-out queries "
-        f"(target {r['target']}), {r['ms_per_query']:.3f} ms/query",
+        f"search: {params}; {escape(recall)}",
     ]
-    if not r["reached"]:
+    if r.get("stale"):
+        lines.append(f"[yellow]note:[/] {escape(r['stale'])}")
+    if not r.get("reached", True):
         lines.append(f"[yellow]warning:[/] the recall target {r['target']} was not reached; the knobs giving the "
                      "best recall are set. Choose a larger index (e.g. --factory Flat or HNSW32)")
     Console().print("\n".join(lines), soft_wrap=True, highlight=False)

@@ -17,7 +17,6 @@ normalises and checks every vector on the way in.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -187,10 +186,18 @@ class CorpusVectors:
             ref = self.shards[s]
             mask = which == s
             local = ids[mask] - ref.offset
-            img = np.load(ref.paths["image"], mmap_mode="r")
-            txt = np.load(ref.paths["text"], mmap_mode="r")
-            rows = np.stack([img[r] if r < ref.images else txt[r - ref.images] for r in local.tolist()])
-            v, _ = clean_vectors(rows, str(ref.paths["image"].parent.parent))
+            v = None
+            for kind, rows in (("image", local[local < ref.images]), ("text", local[local >= ref.images] - ref.images)):
+                if not len(rows):
+                    continue
+                sub = np.load(ref.paths[kind], mmap_mode="r")[rows]
+                bad = ~np.isfinite(sub).all(axis=1)
+                if bad.any():  # name the file and the row in it, not the position in this gather
+                    raise EmbeddingsError(f"{ref.paths[kind]}: row {rows[np.flatnonzero(bad)[0]]} holds NaN or inf; "
+                                          "re-embed the shard")
+                cleaned, _ = clean_vectors(sub, str(ref.paths[kind]))
+                v = np.empty((len(local), cleaned.shape[1]), np.float32) if v is None else v
+                v[local < ref.images if kind == "image" else local >= ref.images] = cleaned
             out = np.empty((len(ids), v.shape[1]), np.float32) if out is None else out
             out[mask] = v
         return out if out is not None else np.zeros((0, 0), np.float32)
@@ -271,9 +278,10 @@ def _make_index(faiss, factory: str, d: int, ef_construction: int = HNSW_EF_CONS
     return index
 
 
-def _train(faiss, index, sample: np.ndarray, factory: str, gpu: bool) -> None:
+def _train(faiss, index, sample: np.ndarray, factory: str, gpu: bool):
+    """The trained index (on a GPU build, the CPU copy of the index trained there)."""
     if index.is_trained:
-        return
+        return index
     ivf = unwrap(index, "ivf")
     if ivf is not None and len(sample) < ivf.nlist:
         raise IndexBuildError(f"--factory {factory!r}: {ivf.nlist} IVF lists need at least {ivf.nlist} training "
@@ -288,6 +296,7 @@ def _train(faiss, index, sample: np.ndarray, factory: str, gpu: bool) -> None:
         index = faiss.index_gpu_to_cpu(target)
     if not index.is_trained:
         raise IndexBuildError(f"training {factory!r} on {len(sample)} vectors left it untrained")
+    return index
 
 
 def _add(index, vectors: np.ndarray, first_id: int, progress: Progress | None, done: int, total: int,
@@ -325,6 +334,8 @@ def build_index(cfg: IndexConfig, progress: Progress | None = None) -> IndexResu
                               "add new embeddings to it")
     if not 0 < cfg.recall_target <= 1:
         raise ValueError(f"recall target must be in (0, 1], got {cfg.recall_target}")
+    if cfg.k < 1 or cfg.tune_queries < 1:
+        raise ValueError(f"-k and --tune-queries must be >= 1, got {cfg.k} and {cfg.tune_queries}")
     if cfg.gpu:
         _check_gpu(faiss)
     manifest = read_merged_manifest(emb_dir)
@@ -348,9 +359,11 @@ def build_index(cfg: IndexConfig, progress: Progress | None = None) -> IndexResu
     else:
         factory, reason = cfg.factory, "given with --factory"
     index = _make_index(faiss, factory, d, cfg.hnsw_ef_construction)
-    if cfg.on_disk and not isinstance(faiss.downcast_index(index), faiss.IndexIVF):
+    if cfg.on_disk and (not isinstance(faiss.downcast_index(index), faiss.IndexIVF)
+                        or isinstance(faiss.downcast_index(index), faiss.IndexIVFFastScan)):
         raise IndexBuildError(f"--on-disk needs a plain IVF index (e.g. IVF{nlist_for(n)},Flat or "
-                              f"IVF{nlist_for(n)},PQ{pq_m(d)}; no pre-transform or refinement), not {factory!r}")
+                              f"IVF{nlist_for(n)},PQ{pq_m(d)}; no pre-transform, refinement or fast-scan codes), "
+                              f"not {factory!r}")
 
     probe = RecallProbe.held_out(corpus.blocks, corpus.gather, n, k=cfg.k, n_queries=cfg.tune_queries, seed=cfg.seed)
     ivf = unwrap(index, "ivf")
@@ -360,7 +373,7 @@ def build_index(cfg: IndexConfig, progress: Progress | None = None) -> IndexResu
         if progress:
             progress("training", 0, 1)
         held = probe.positions if probe is not None else np.zeros(0, np.int64)
-        _train(faiss, index, _training_sample(corpus, train_size, held, cfg.seed), factory, cfg.gpu)
+        index = _train(faiss, index, _training_sample(corpus, train_size, held, cfg.seed), factory, cfg.gpu)
         if progress:
             progress("training", 1, 1)
 
@@ -521,17 +534,20 @@ def _build_on_disk(faiss, trained, corpus: CorpusVectors, probe: RecallProbe | N
     blocks_dir.mkdir()
     trained_bytes = faiss.serialize_index(trained)
     names, done = [], 0
-    for i, (offset, block) in enumerate(corpus.blocks()):
-        ivf = faiss.deserialize_index(trained_bytes)  # already downcast; a second wrapper would not own it
-        ivf.add_with_ids(block, id_of[offset:offset + len(block)])
-        name = str(blocks_dir / f"block_{i:04d}.index")
-        faiss.write_index(ivf, name)
-        names.append(name)
-        done += len(block)
-        if progress:
-            progress("adding", done, corpus.n)
-    index = faiss.deserialize_index(trained_bytes)
-    merge_ondisk(index, names, str(tmp / IVFDATA_FILE))
+    try:
+        for i, (offset, block) in enumerate(corpus.blocks()):
+            ivf = faiss.deserialize_index(trained_bytes)  # already downcast; a second wrapper would not own it
+            ivf.add_with_ids(block, id_of[offset:offset + len(block)])
+            name = str(blocks_dir / f"block_{i:04d}.index")
+            faiss.write_index(ivf, name)
+            names.append(name)
+            done += len(block)
+            if progress:
+                progress("adding", done, corpus.n)
+        index = faiss.deserialize_index(trained_bytes)
+        merge_ondisk(index, names, str(tmp / IVFDATA_FILE))
+    except RuntimeError as e:
+        raise IndexBuildError(f"building the on-disk index failed: {e}") from e
     shutil.rmtree(blocks_dir)
     tuning = None
     if probe is not None:
@@ -651,17 +667,12 @@ class JointIndex:
         available = self.count(modality)
         want = min(k, available)
         selector = self._selector(modality) if modality != "any" else None
-        saved = get_search_params(self.index)
-        try:
-            knobs = dict(saved)
-            while True:
-                params, _keep = search_parameters(self.index, selector)
-                scores, ids = self.index.search(queries, k, params=params)
-                short = (ids[:, :want] < 0).any()
-                if not short or not _widen(self.index, knobs):
-                    return scores, ids
-        finally:
-            set_search_params(self.index, saved)
+        knobs = get_search_params(self.index)
+        while True:
+            params, _keep = search_parameters(self.index, selector, knobs)
+            scores, ids = self.index.search(queries, k, params=params)
+            if not (ids[:, :want] < 0).any() or not _widen(self.index, knobs):
+                return scores, ids
 
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """Search results as rows of the id table."""
@@ -686,7 +697,8 @@ def _missing(value) -> bool:
 
 
 def _widen(index, knobs: dict) -> bool:
-    """Double the search knobs in place (and on the index); False once nothing can grow."""
+    """Double the search knobs of ``knobs`` (for this search's parameters only; the index is not touched);
+    False once nothing can grow."""
     ivf, hnsw = unwrap(index, "ivf"), unwrap(index, "hnsw")
     grown = False
     if ivf is not None and knobs.get("nprobe", ivf.nlist) < ivf.nlist:
@@ -695,8 +707,6 @@ def _widen(index, knobs: dict) -> bool:
     if hnsw is not None and knobs.get("efSearch", 4096) < 4096:
         knobs["efSearch"] = min(4096, knobs["efSearch"] * 2)
         grown = True
-    if grown:
-        set_search_params(index, knobs)
     return grown
 
 
@@ -748,10 +758,10 @@ def add_to_index(index_dir: str | Path, embeddings: str | Path, retune: bool = T
 
     # Re-tuning needs every earlier part's vectors (truth is exact search over all); the held-out queries are
     # drawn from the new part, which is what an index that grows sees next.
-    old = _all_parts(manifest["parts"]) if retune else None
+    old = _all_parts(manifest["parts"], manifest["export"]["fingerprint"]) if retune else None
     probe, gather_old = None, None
     if old is not None:
-        combined = _all_parts(manifest["parts"])
+        combined = _all_parts(manifest["parts"], manifest["export"]["fingerprint"])
         combined.add_dir(emb_dir, new_manifest)
         settings = manifest.get("settings", {})
         probe = RecallProbe.held_out(combined.blocks, combined.gather, combined.n, k=settings.get("k", 10),
@@ -759,7 +769,8 @@ def add_to_index(index_dir: str | Path, embeddings: str | Path, retune: bool = T
                                      candidates=np.arange(old.n, combined.n))
         position_of_id = _positions(old_ids, old)
         gather_old = lambda ids: old.gather(position_of_id[np.asarray(ids)])  # noqa: E731
-    index, order, tuning = fill_and_tune(index, corpus, probe, manifest["recall"].get("target", 0.95), progress,
+    target = manifest["recall"].get("target", manifest.get("settings", {}).get("recall_target", 0.95))
+    index, order, tuning = fill_and_tune(index, corpus, probe, target, progress,
                                          first_id=first, position_offset=old.n if old is not None else 0,
                                          gather_old=gather_old)
     if index.ntotal != first + corpus.n:
@@ -778,8 +789,9 @@ def add_to_index(index_dir: str | Path, embeddings: str | Path, retune: bool = T
         new["search_params"] = tuning.params
         new["recall"] = _recall_entry(tuning, probe) | {"after_add": part}
     else:
-        why = ("--no-retune" if not retune else "an earlier part's embeddings directory is gone" if old is None
-               else "the new part is too small to hold out queries")
+        why = ("--no-retune" if not retune else
+               "an earlier part's embeddings directory is gone or changed" if old is None else
+               "the new part is too small to hold out queries")
         new["recall"] = dict(manifest["recall"], stale=f"not re-measured after adding part {part} ({why})")
     with atomic_dir(index_dir) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
@@ -800,14 +812,19 @@ def _positions(ids, corpus: CorpusVectors) -> np.ndarray:
     return offset + np.where(is_text, n_img + row, row)
 
 
-def _all_parts(parts: list[dict]) -> CorpusVectors | None:
+def _all_parts(parts: list[dict], fingerprint: str) -> CorpusVectors | None:
+    """The vectors of every part, if each embeddings directory is still there as it was indexed (same export,
+    same row counts); None otherwise."""
     corpus = CorpusVectors()
     for p in parts:
         d = Path(p["embeddings"])
-        with contextlib.suppress(EmbeddingsError, OSError):
-            corpus.add_dir(d, read_merged_manifest(d))
-            continue
-        return None
+        try:
+            manifest = read_merged_manifest(d)
+        except (EmbeddingsError, OSError):
+            return None
+        if manifest.get("export_fingerprint") != fingerprint or manifest.get("rows") != p.get("rows"):
+            return None
+        corpus.add_dir(d, manifest)
     return corpus
 
 

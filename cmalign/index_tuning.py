@@ -62,8 +62,9 @@ def set_search_params(index, params: dict) -> None:
         space.set_index_parameter(index, name, value)
 
 
-def search_parameters(index, selector=None):
-    """faiss SearchParameters carrying ``selector`` *and* the index's current knobs.
+def search_parameters(index, selector=None, knobs: dict | None = None):
+    """faiss SearchParameters carrying ``selector`` *and* the index's current knobs (or ``knobs``: nprobe,
+    efSearch, k_factor_rf values for this search only, leaving the shared index untouched).
 
     A params object replaces the index's own settings (SearchParametersIVF's nprobe defaults to 1, HNSW's
     efSearch to 16), so the current values are copied in. Returns (params, keep): ``keep`` holds the nested
@@ -71,17 +72,19 @@ def search_parameters(index, selector=None):
     """
     faiss = _faiss()
     keep = []
+    knobs = knobs or {}
 
     def build(idx):
         idx = faiss.downcast_index(idx)
         if isinstance(idx, faiss.IndexPreTransform):
             p = faiss.SearchParametersPreTransform(index_params=build(idx.index))
         elif isinstance(idx, faiss.IndexRefine):
-            p = faiss.IndexRefineSearchParameters(k_factor=idx.k_factor, base_index_params=build(idx.base_index))
+            p = faiss.IndexRefineSearchParameters(k_factor=knobs.get("k_factor_rf", idx.k_factor),
+                                                  base_index_params=build(idx.base_index))
         elif isinstance(idx, faiss.IndexIVF):
-            p = faiss.SearchParametersIVF(nprobe=idx.nprobe, max_codes=idx.max_codes)
+            p = faiss.SearchParametersIVF(nprobe=knobs.get("nprobe", idx.nprobe), max_codes=idx.max_codes)
         elif isinstance(idx, faiss.IndexHNSW):
-            p = faiss.SearchParametersHNSW(efSearch=idx.hnsw.efSearch)
+            p = faiss.SearchParametersHNSW(efSearch=knobs.get("efSearch", idx.hnsw.efSearch))
         else:
             p = faiss.SearchParameters()
         if selector is not None:

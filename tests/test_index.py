@@ -361,3 +361,72 @@ def test_mixed_modality_report_on_a_hand_checkable_case():
     txt_gap = np.array([[0.6, 0, 0.8], [0, 0.6, 0.8]], np.float32)
     r = mixed_modality_report(img, txt_gap, np.array([0, 1]), np.array([0, 1]), k=1)
     assert r["text_query_image_share@1"] == 0.0 and r["text_query_partner_rank_median"] == 2
+
+
+def _write_embeddings(out: Path, image: np.ndarray, text: np.ndarray, text_pair: np.ndarray,
+                      fingerprint: str = "0123456789abcdef") -> Path:
+    """An embeddings directory written with the library's own writers (one shard), for edge cases."""
+    from cmalign.atomic import write_json
+    from cmalign.embeddings import merge_shards, save_array, save_metadata, shard_paths
+
+    p = shard_paths(out, 0)
+    save_array(p["image"], image.astype(np.float32))
+    save_array(p["text"], text.astype(np.float32))
+    rows = {c: [] for c in ("modality", "row", "pair_id", "image_path", "caption", "label", "key", "source")}
+    for modality, pairs in (("image", range(len(image))), ("text", text_pair)):
+        for row, pid in enumerate(pairs):
+            for col, v in zip(rows, (modality, row, int(pid), f"img{pid}.png", f"caption {row}", None, str(pid), "t"),
+                              strict=True):
+                rows[col].append(v)
+    save_metadata(p["metadata"], rows)
+    write_json(p["manifest"], {"export": "/nowhere", "export_fingerprint": fingerprint, "model": {},
+                               "variant": "fp32", "embed_dim": image.shape[1], "dtype": "float32",
+                               "data": {"path": "x"}, "num_shards": 1, "cmalign_version": "test",
+                               "rows": {"images": len(image), "texts": len(text)}, "skipped": 0, "seconds": 0})
+    merge_shards(out)
+    return out
+
+
+def test_a_tiny_corpus_is_indexed_and_says_recall_was_not_measured(tmp_path):
+    rng = np.random.default_rng(0)
+    emb = _write_embeddings(tmp_path / "emb", rng.standard_normal((1, 8)), rng.standard_normal((2, 8)), [0, 0])
+    r = runner.invoke(app, ["index", str(emb), "--out", str(tmp_path / "idx")])
+    assert r.exit_code == 0, r.output
+    assert "recall not measured" in r.output
+    index = JointIndex(tmp_path / "idx")
+    _, ids = index.search(rng.standard_normal((1, 8)).astype(np.float32), 5, modality="text")
+    assert sorted(ids[0][:2]) == sorted(index.ids.query("modality == 'text'")["id"]) and (ids[0][2:] == -1).all()
+    r = runner.invoke(app, ["index", str(emb), "--out", str(tmp_path / "idx2"), "-k", "0"])
+    assert r.exit_code == 2 and "must be >= 1" in r.output
+
+
+def test_filtered_search_leaves_the_shared_knobs_alone(val_emb, tmp_path):
+    build_index(IndexConfig(embeddings=str(val_emb), out=str(tmp_path / "idx"), factory="IVF64,Flat"))
+    index = JointIndex(tmp_path / "idx")
+    knobs = dict(index.manifest["search_params"])
+    from cmalign.index_tuning import get_search_params, set_search_params
+
+    set_search_params(index.index, {"nprobe": 1})  # so narrow that an image-only search must widen
+    _, ids = index.search(load_embeddings(val_emb).text[:50], 50, modality="image")
+    assert (ids >= 0).all()
+    assert get_search_params(index.index) == {"nprobe": 1} != knobs
+
+
+def test_on_disk_refuses_fast_scan_codes(val_emb, tmp_path):
+    with pytest.raises(IndexBuildError, match="no pre-transform, refinement or fast-scan"):
+        build_index(IndexConfig(embeddings=str(val_emb), out=str(tmp_path / "idx"), factory="IVF64,PQ16x4fs",
+                                on_disk=True))
+
+
+def test_gpu_build_keeps_what_was_trained_on_the_gpu(val_emb, tmp_path, monkeypatch):
+    """The --gpu bookkeeping (train and add on a GPU copy, tune and save the CPU copy), with faiss' GPU transfer
+    functions replaced by copies: no GPU here, but the index that comes back must be the trained, filled one."""
+    import faiss
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", faiss.clone_index)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", faiss.clone_index, raising=False)  # not in faiss-cpu
+    m = build_index(IndexConfig(embeddings=str(val_emb), out=str(tmp_path / "idx"), factory="IVF64,Flat",
+                                gpu=True)).manifest
+    assert m["ntotal"] == 6000 and m["build"]["gpu"] and m["recall"]["reached"]
+    _check_id_table(JointIndex(tmp_path / "idx"), [val_emb])
