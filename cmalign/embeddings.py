@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cmalign.atomic import atomic_write, write_json
+from cmalign.manifests import read_manifest_file
 
 KIND = "cmalign-embeddings"
 FORMAT_VERSION = 1
@@ -160,18 +161,9 @@ def read_merged_manifest(out: str | Path) -> dict:
     path = out / "manifest.json"
     if not out.is_dir():
         raise EmbeddingsError(f"embeddings directory not found: {out}")
-    if not path.is_file():
-        hint = ("it holds no shards; write some with `cmalign embed EXPORT --out DIR`"
-                if not read_shard_manifests(out) else f"run `cmalign embed-merge {out}` once every shard is done")
-        raise EmbeddingsError(f"{path}: missing; {hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EmbeddingsError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
-        found = manifest.get("kind") if isinstance(manifest, dict) else type(manifest).__name__
-        raise EmbeddingsError(f"{path}, field 'kind': expected '{KIND}', found {found!r}")
-    return manifest
+    hint = ("it holds no shards; write some with `cmalign embed EXPORT --out DIR`"
+            if not read_shard_manifests(out) else f"run `cmalign embed-merge {out}` once every shard is done")
+    return read_manifest_file(path, KIND, EmbeddingsError, hint, FORMAT_VERSION)
 
 
 @dataclass

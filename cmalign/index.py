@@ -17,7 +17,6 @@ normalises and checks every vector on the way in.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -52,6 +51,7 @@ from cmalign.index_tuning import (
     tune,
     unwrap,
 )
+from cmalign.manifests import read_manifest_file
 
 log = logging.getLogger(__name__)
 
@@ -569,18 +569,8 @@ def read_index_manifest(index_dir: str | Path) -> dict:
     path = d / MANIFEST
     if not d.is_dir():
         raise IndexFormatError(f"index directory not found: {d}")
-    if not path.is_file():
-        raise IndexFormatError(f"{path}: missing; is {d} a directory written by `cmalign index`?")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise IndexFormatError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
-        raise IndexFormatError(f"{path}, field 'kind': expected '{KIND}'")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise IndexFormatError(f"{path}: format_version {manifest['format_version']} is newer than this cmalign "
-                               f"reads ({FORMAT_VERSION}); upgrade cmalign")
-    return manifest
+    return read_manifest_file(path, KIND, IndexFormatError, f"is {d} a directory written by `cmalign index`?",
+                              FORMAT_VERSION)
 
 
 @dataclass
