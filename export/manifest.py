@@ -8,8 +8,9 @@ two exports of the same weights with the same settings match and anything else d
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
+
+from cmalign import manifests
 
 KIND = "cmalign-export"
 FORMAT_VERSION = 1
@@ -54,16 +55,7 @@ def fingerprint(export_dir: str | Path) -> str:
 
 def read_json_object(path: str | Path, missing_hint: str = "") -> dict:
     """A JSON object from one of the export's files; errors name the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportFormatError(f"{path}: missing{missing_hint}")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportFormatError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(obj, dict):
-        raise ExportFormatError(f"{path}: expected a JSON object, found {type(obj).__name__}")
-    return obj
+    return manifests.read_json_object(path, ExportFormatError, missing_hint.removeprefix("; "))
 
 
 def read_manifest(export_dir: str | Path) -> dict:
