@@ -207,7 +207,7 @@ def iter_shards(out: str | Path, manifest: dict | None = None):
         arrays = {}
         for kind in ("image", "text"):
             try:
-                a = np.load(p[kind])
+                a = np.load(p[kind], mmap_mode="r")  # read on use: a caller wanting only the metadata reads no vectors
             except (OSError, ValueError) as e:
                 raise EmbeddingsError(f"{p[kind]}: cannot read ({e})") from e
             if a.ndim != 2 or a.shape[1] != dim:
@@ -238,7 +238,7 @@ def load_embeddings(out: str | Path) -> Embeddings:
         img_meta.append(shard.metadata[is_img])
         txt_meta.append(shard.metadata[~is_img])
     empty = np.zeros((0, manifest["embed_dim"]), np.float32)
-    return Embeddings(image=np.concatenate(images) if images else empty,
+    return Embeddings(image=np.concatenate(images) if images else empty,  # copies out of the memory maps
                       text=np.concatenate(texts) if texts else empty,
                       image_metadata=pd.concat(img_meta, ignore_index=True),
                       text_metadata=pd.concat(txt_meta, ignore_index=True), manifest=manifest)

@@ -63,7 +63,6 @@ IDS_FILE = "ids.parquet"
 MANIFEST = "manifest.json"
 MODALITIES = ("any", "image", "text")
 ID_COLUMNS = ("id", "modality", "pair_id", "part", "shard", "row", "image_path", "caption", "label", "key", "source")
-NORM_TOLERANCE = 1e-2  # |‖v‖ − 1| above this is reported: the export normalises, so it means float16 files or damage
 
 Progress = Callable[[str, int, int], None]
 
@@ -112,20 +111,22 @@ class IndexResult:
 
 # -- reading embeddings ---------------------------------------------------------------------------------
 
-def clean_vectors(a: np.ndarray, where: str, first_row: int = 0) -> tuple[np.ndarray, float]:
-    """float32, L2-normalised; a non-finite or zero row is an error naming the file and row.
+def clean_vectors(a: np.ndarray, where: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """float32, L2-normalised; a non-finite or zero row is an error naming the file and row (``rows[i]`` is the
+    row in ``where`` of ``a[i]`` when ``a`` holds selected rows).
 
     Returns the vectors and the largest |‖v‖ − 1| seen before normalising.
     """
     a = np.asarray(a, dtype=np.float32)
+    row = (lambda i: int(rows[i])) if rows is not None else int
     finite = np.isfinite(a).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
-        raise EmbeddingsError(f"{where}: row {first_row + bad[0]} holds NaN or inf ({len(bad)} such rows); "
+        raise EmbeddingsError(f"{where}: row {row(bad[0])} holds NaN or inf ({len(bad)} such rows); "
                               "re-embed the shard")
     norms = np.linalg.norm(a.astype(np.float64), axis=1)
     if len(norms) and norms.min() < 1e-6:
-        raise EmbeddingsError(f"{where}: row {first_row + int(np.argmin(norms))} is a zero vector; it cannot be "
+        raise EmbeddingsError(f"{where}: row {row(np.argmin(norms))} is a zero vector; it cannot be "
                               "normalised for inner-product search")
     deviation = float(np.abs(norms - 1).max()) if len(norms) else 0.0
     return np.ascontiguousarray(a / norms[:, None].astype(np.float32)), deviation
@@ -144,8 +145,8 @@ class _ShardRef:
 class CorpusVectors:
     """The vectors of one or more embeddings directories, addressed by index id, read shard by shard.
 
-    Keeps only the file list in memory (``load()`` reads everything; ``blocks()`` one shard at a time;
-    ``gather(ids)`` reads given rows through memory maps), so on-disk builds stay within a shard's memory.
+    Keeps only the file list in memory (``blocks()`` reads one shard at a time; ``gather(ids)`` reads given rows
+    through memory maps), so on-disk builds stay within a shard's memory.
     """
 
     def __init__(self):
@@ -160,12 +161,10 @@ class CorpusVectors:
             self.n += rows[0] + rows[1]
         self.parts += 1
 
-    def _read(self, ref: _ShardRef, mmap: bool = False) -> np.ndarray:
-        mode = "r" if mmap else None
+    def _read(self, ref: _ShardRef) -> np.ndarray:
         parts = []
         for kind in ("image", "text"):
-            a = np.load(ref.paths[kind], mmap_mode=mode)
-            v, dev = clean_vectors(a, str(ref.paths[kind]))
+            v, dev = clean_vectors(np.load(ref.paths[kind]), str(ref.paths[kind]))
             self.max_norm_deviation = max(self.max_norm_deviation, dev)
             parts.append(v)
         return np.concatenate(parts)
@@ -173,9 +172,6 @@ class CorpusVectors:
     def blocks(self):
         for ref in self.shards:
             yield ref.offset, self._read(ref)
-
-    def load(self) -> np.ndarray:
-        return np.concatenate([b for _, b in self.blocks()]) if self.shards else np.zeros((0, 0), np.float32)
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
@@ -190,12 +186,7 @@ class CorpusVectors:
             for kind, rows in (("image", local[local < ref.images]), ("text", local[local >= ref.images] - ref.images)):
                 if not len(rows):
                     continue
-                sub = np.load(ref.paths[kind], mmap_mode="r")[rows]
-                bad = ~np.isfinite(sub).all(axis=1)
-                if bad.any():  # name the file and the row in it, not the position in this gather
-                    raise EmbeddingsError(f"{ref.paths[kind]}: row {rows[np.flatnonzero(bad)[0]]} holds NaN or inf; "
-                                          "re-embed the shard")
-                cleaned, _ = clean_vectors(sub, str(ref.paths[kind]))
+                cleaned, _ = clean_vectors(np.load(ref.paths[kind], mmap_mode="r")[rows], str(ref.paths[kind]), rows)
                 v = np.empty((len(local), cleaned.shape[1]), np.float32) if v is None else v
                 v[local < ref.images if kind == "image" else local >= ref.images] = cleaned
             out = np.empty((len(ids), v.shape[1]), np.float32) if out is None else out
@@ -316,9 +307,7 @@ def _add(index, vectors: np.ndarray, first_id: int, progress: Progress | None, d
 
 def _training_sample(corpus: CorpusVectors, size: int, exclude: np.ndarray, seed: int) -> np.ndarray:
     """``size`` corpus vectors drawn uniformly, none of them a tuning query (those stay held out)."""
-    pool = np.setdiff1d(np.arange(corpus.n), exclude, assume_unique=False)
-    if len(pool) == 0:
-        pool = np.arange(corpus.n)
+    pool = np.setdiff1d(np.arange(corpus.n), exclude)  # never empty: the probe takes at most a fifth
     ids = pool[sample_ids(len(pool), size, seed + 1)]
     return corpus.gather(ids)
 
@@ -474,17 +463,15 @@ def fill_and_tune(index, corpus, probe: RecallProbe | None, target: float, progr
     if probe is not None:
         if progress:
             progress("tuning", 0, 1)
-        def gather(ids):
+
+        def gather(ids):  # index id -> vector: this corpus by its add order, earlier ids through gather_old
             ids = np.asarray(ids, dtype=np.int64)
             new = ids >= first_id
-            parts = {}
+            out = np.empty((len(ids), probe.queries.shape[1]), np.float32)
             if new.any():
-                parts[True] = corpus.gather(order[ids[new] - first_id])
-            if (~new).any():
-                parts[False] = gather_old(ids[~new])
-            out = np.empty((len(ids), next(iter(parts.values())).shape[1]), np.float32)
-            for which, v in parts.items():
-                out[new if which else ~new] = v
+                out[new] = corpus.gather(order[ids[new] - first_id])
+            if not new.all():
+                out[~new] = gather_old(ids[~new])
             return out
 
         tuning = tune(index, probe, gather, target)
@@ -523,7 +510,8 @@ def _build_on_disk(faiss, trained, corpus: CorpusVectors, probe: RecallProbe | N
                    progress: Progress | None):
     """FAISS's on-disk recipe (faiss/contrib/ondisk.py): one block index per shard, then merge the inverted lists
     into IDX/index.ivfdata. Memory holds one shard and the lists being merged, not the corpus. The held-out
-    tuning queries are added to the merged index after tuning, as in :func:`fill_and_tune`."""
+    tuning queries get the last ids, as in :func:`fill_and_tune`, but are merged with the rest: tuning
+    leaves them out with an IDSelector."""
     from faiss.contrib.ondisk import merge_ondisk
 
     held = probe.positions if probe is not None else None
@@ -748,20 +736,20 @@ def add_to_index(index_dir: str | Path, embeddings: str | Path, retune: bool = T
 
     # Re-tuning needs every earlier part's vectors (truth is exact search over all); the held-out queries are
     # drawn from the new part, which is what an index that grows sees next.
-    old = _all_parts(manifest["parts"], manifest["export"]["fingerprint"]) if retune else None
-    probe, gather_old = None, None
-    if old is not None:
-        combined = _all_parts(manifest["parts"], manifest["export"]["fingerprint"])
+    combined = _all_parts(manifest["parts"], manifest["export"]["fingerprint"]) if retune else None
+    probe, gather_old, old_n = None, None, 0
+    if combined is not None:
+        old_n = combined.n
         combined.add_dir(emb_dir, new_manifest)
         settings = manifest.get("settings", {})
         probe = RecallProbe.held_out(combined.blocks, combined.gather, combined.n, k=settings.get("k", 10),
                                      n_queries=settings.get("tune_queries", 1000), seed=settings.get("seed", 0) + part,
-                                     candidates=np.arange(old.n, combined.n))
-        position_of_id = _positions(old_ids, old)
-        gather_old = lambda ids: old.gather(position_of_id[np.asarray(ids)])  # noqa: E731
+                                     candidates=np.arange(old_n, combined.n))
+        position_of_id = _positions(old_ids, combined)
+        gather_old = lambda ids: combined.gather(position_of_id[np.asarray(ids)])  # noqa: E731
     target = manifest["recall"].get("target", manifest.get("settings", {}).get("recall_target", 0.95))
     index, order, tuning = fill_and_tune(index, corpus, probe, target, progress,
-                                         first_id=first, position_offset=old.n if old is not None else 0,
+                                         first_id=first, position_offset=old_n,
                                          gather_old=gather_old)
     if index.ntotal != first + corpus.n:
         raise IndexBuildError(f"the index holds {index.ntotal} vectors after adding {corpus.n} to {first}")
@@ -780,7 +768,7 @@ def add_to_index(index_dir: str | Path, embeddings: str | Path, retune: bool = T
         new["recall"] = _recall_entry(tuning, probe) | {"after_add": part}
     else:
         why = ("--no-retune" if not retune else
-               "an earlier part's embeddings directory is gone or changed" if old is None else
+               "an earlier part's embeddings directory is gone or changed" if combined is None else
                "the new part is too small to hold out queries")
         new["recall"] = dict(manifest["recall"], stale=f"not re-measured after adding part {part} ({why})")
     with atomic_dir(index_dir) as tmp:
@@ -791,7 +779,8 @@ def add_to_index(index_dir: str | Path, embeddings: str | Path, retune: bool = T
 
 
 def _positions(ids, corpus: CorpusVectors) -> np.ndarray:
-    """Corpus position (in ``corpus``, all parts in order) of every id of an id table."""
+    """Corpus position (in ``corpus``, all parts in order) of every id of an id table (whose parts ``corpus``
+    holds, first among its parts)."""
     starts = {(ref.part, ref.index): ref.offset for ref in corpus.shards}
     images = {(ref.part, ref.index): ref.images for ref in corpus.shards}
     keys = list(zip(ids["part"].tolist(), ids["shard"].tolist(), strict=True))
@@ -819,5 +808,4 @@ def _all_parts(parts: list[dict], fingerprint: str) -> CorpusVectors | None:
 
 
 __all__ = ["IndexConfig", "IndexResult", "JointIndex", "Hit", "build_index", "add_to_index", "load_index",
-           "read_index_manifest", "IndexBuildError", "IndexFormatError", "ExportMismatchError", "GpuUnavailableError",
-           "pq_m"]
+           "read_index_manifest", "IndexBuildError", "IndexFormatError", "ExportMismatchError", "GpuUnavailableError"]

@@ -219,10 +219,10 @@ def tune(index, probe: RecallProbe, gather, target: float = 0.95, selector=None)
         return Tuning({}, row["recall"], row["ms_per_query"], row["recall"] >= target, target, tried)
 
     ivf = unwrap(index, "ivf")
-    main_name, main_values = (("nprobe", [v for v in NPROBE if v <= ivf.nlist] + ([ivf.nlist] if ivf.nlist not in NPROBE
-                                                                                     else []))
-                              if ivf is not None else ("efSearch", list(EF_SEARCH)))
-    main_values = sorted(set(main_values))
+    if ivf is not None:
+        main_name, main_values = "nprobe", sorted({v for v in NPROBE if v <= ivf.nlist} | {ivf.nlist})
+    else:
+        main_name, main_values = "efSearch", list(EF_SEARCH)
     k_factors = list(K_FACTOR) if "k_factor_rf" in knobs else [None]
     reaching = []
     for kf in k_factors:

@@ -55,7 +55,7 @@ def fingerprint(export_dir: str | Path) -> str:
 
 def read_json_object(path: str | Path, missing_hint: str = "") -> dict:
     """A JSON object from one of the export's files; errors name the file and the problem."""
-    return manifests.read_json_object(path, ExportFormatError, missing_hint.removeprefix("; "))
+    return manifests.read_json_object(path, ExportFormatError, missing_hint)
 
 
 def read_manifest(export_dir: str | Path) -> dict:
@@ -63,14 +63,8 @@ def read_manifest(export_dir: str | Path) -> dict:
     path = d / MANIFEST
     if not d.is_dir():
         raise ExportFormatError(f"export directory not found: {d}")
-    manifest = read_json_object(path, f"; is {d} a directory written by `cmalign export`?")
-    if manifest.get("kind") != KIND:
-        raise ExportFormatError(f"{path}, field 'kind': expected '{KIND}', found {manifest.get('kind')!r}")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ExportFormatError(
-            f"{path}, field 'format_version': {manifest['format_version']} is newer than this cmalign reads "
-            f"({FORMAT_VERSION}); upgrade cmalign"
-        )
+    manifest = manifests.read_manifest_file(path, KIND, ExportFormatError,
+                                            f"is {d} a directory written by `cmalign export`?", FORMAT_VERSION)
     for field in ("graphs", "fingerprint", "embed_dim"):
         if field not in manifest:
             raise ExportFormatError(f"{path}: field '{field}' is missing")

@@ -242,7 +242,7 @@ class ClipTokenizer:
         """Load a tokenizer written by `save_tokenizer`; a ValueError names the file and field of any problem."""
         d = Path(path)
         cfg_path = d / TOKENIZER_JSON
-        cfg = read_json_object(cfg_path, f"; is {d} a tokenizer directory written by `save_tokenizer`?")
+        cfg = read_json_object(cfg_path, f"is {d} a tokenizer directory written by `save_tokenizer`?")
 
         def field(name: str, check, what: str):
             if name not in cfg:
