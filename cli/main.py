@@ -10,6 +10,7 @@ import typer
 import cmalign
 from cmalign.cli import data as data_cmd
 from cmalign.cli import embed as embed_cmd
+from cmalign.cli import eval as eval_cmd
 from cmalign.cli import export as export_cmd
 from cmalign.cli import fit as fit_cmd
 from cmalign.cli import index as index_cmd
@@ -18,8 +19,8 @@ from cmalign.cli import search as search_cmd
 app = typer.Typer(
     name="cmalign",
     help="Close the modality gap of CLIP-style models: TPC-CMA fine-tuning (fit), ONNX export (export), "
-         "corpus embedding (embed, embed-merge), joint image+text FAISS indexes (index, index-add, search) and "
-         "the generated default data set (data). "
+         "corpus embedding (embed, embed-merge), evaluation (eval), joint image+text FAISS indexes (index, "
+         "index-add, search) and the generated default data set (data). "
          "Run `cmalign COMMAND --help` for each command's options.",
     no_args_is_help=True,
     add_completion=False,
@@ -29,6 +30,7 @@ app.command("fit", help=fit_cmd.HELP)(fit_cmd.fit_command)
 app.command("export", help=export_cmd.HELP)(export_cmd.export_command)
 app.command("embed", help=embed_cmd.HELP)(embed_cmd.embed_command)
 app.command("embed-merge", help=embed_cmd.MERGE_HELP)(embed_cmd.merge_command)
+app.command("eval", help=eval_cmd.HELP)(eval_cmd.eval_command)
 app.command("index", help=index_cmd.HELP)(index_cmd.index_command)
 app.command("index-add", help=index_cmd.ADD_HELP)(index_cmd.add_command)
 app.command("search", help=search_cmd.HELP)(search_cmd.search_command)

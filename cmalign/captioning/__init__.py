@@ -1,0 +1,1 @@
+"""The caption-prefix protocol: a small ClipCap-style decoder trained on text embeddings, scored by CIDEr-D."""

@@ -1,0 +1,68 @@
+"""What `cmalign eval` measures, on which data, with which settings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from cmalign.captioning.decoder import DecoderConfig
+
+TASKS = ("gap", "retrieval", "mixed", "clustering", "zeroshot", "caption")
+
+
+@dataclass
+class ReaderOptions:
+    """How to read a data file (the same names as `cmalign fit`'s data options)."""
+
+    format: str = "auto"
+    image_root: str | None = None
+    csv_separator: str | None = None
+    image_column: str = "filepath"
+    caption_column: str = "title"
+    label_column: str = "label"
+
+
+@dataclass
+class EvalConfig:
+    source: str | None = None  # a fit run, an export directory, or None with `model`
+    model: str | None = None  # an open_clip model name (with `pretrained`), when `source` is None
+    pretrained: str | None = None
+    baseline: str = "auto"  # auto | base | none | a run or export directory
+    data: str | None = None  # None: the generated validation split
+    fit_data: str | None = None  # training pairs for the caption decoder and post-hoc fits
+    reader: ReaderOptions = field(default_factory=ReaderOptions)
+    templates: tuple[str, ...] | None = None  # class-prompt templates; None: the data set's own or CLIP-style
+    tasks: tuple[str, ...] = TASKS
+    posthoc: tuple[str, ...] = ()
+    posthoc_on: str = "auto"  # whose embeddings the fixes apply to: auto (the baseline if any) | model | baseline
+    out: str | None = None  # None: reports/<source name>
+    overwrite: bool = False
+    max_images: int | None = None  # evaluation images (all captions of each); None: all
+    fit_images: int = 1000  # training images (all their captions) for the decoder and the post-hoc fits
+    fit_share: float = 0.5  # share of --data images used for fitting when no fit data is given
+    k: int = 10  # mixed-modality top-k
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    figures: bool = True
+    map_points: int = 400  # images (and as many captions) per 2-D map
+    seed: int = 0
+    device: str = "auto"  # torch models: auto | cpu | cuda
+    provider: str = "cpu"  # exports: cpu | cuda
+    variant: str = "fp32"  # exports: fp32 | fp16 | int8
+    batch_size: int = 128
+
+    def __post_init__(self):
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown task(s) {', '.join(bad)}; expected any of {', '.join(TASKS)}")
+        if self.source is None and self.model is None:
+            raise ValueError("give a run or export directory, or --model NAME [--pretrained TAG]")
+        if self.source is not None and self.model is not None:
+            raise ValueError("give either a run/export directory or --model, not both")
+        if self.posthoc_on not in ("auto", "model", "baseline"):
+            raise ValueError(f"posthoc_on must be auto, model or baseline, got {self.posthoc_on!r}")
+        if self.fit_images < 2:
+            raise ValueError(f"fit_images must be at least 2, got {self.fit_images}")
+        if not 0 < self.fit_share < 1:
+            raise ValueError(f"fit_share must lie in (0, 1), got {self.fit_share}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,225 @@
+"""`evaluate(cfg)`: embed once per system, run every task, write metrics.json, report.md and the figures.
+
+Systems are the model itself, an optional baseline (by default a run's own starting model: before vs after), and
+the post-hoc fixes applied to the model's embeddings. Every system sees the same images, captions, prompts, seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import cmalign
+from cmalign import gap
+from cmalign.atomic import atomic_dir, write_json
+from cmalign.captioning.tokenize import NAME as TOKENIZER_NAME
+from cmalign.evaluation import encoders
+from cmalign.evaluation.config import EvalConfig
+from cmalign.evaluation.datasets import load_eval_data
+from cmalign.evaluation.embedded import embed_all
+from cmalign.evaluation.tasks import DEFINITIONS, NEEDS_LABELS, TASK_FUNCTIONS
+from cmalign.posthoc import fit_posthoc
+
+KIND = "cmalign-eval"
+GAP_MEASURES = ("raw", "centroid", "paired_residual", "mmd2", "bures", "coral", "w2", "rmg")
+
+
+@dataclass
+class EvalResult:
+    out: Path
+    metrics: dict
+    seconds: float
+
+
+def default_out(cfg: EvalConfig) -> Path:
+    name = Path(cfg.source).name if cfg.source else cfg.model.replace("/", "_").replace(":", "_")
+    return Path("reports") / name
+
+
+def _subject(cfg: EvalConfig, log):
+    if cfg.source is not None:
+        return encoders.open_source(cfg.source, "model", cfg.device, cfg.provider, cfg.variant, cfg.batch_size)
+    from cmalign.base_model import BASE_TAG, ensure_base_model
+    from cmalign.models import TINY_MODEL
+
+    pretrained = cfg.pretrained
+    if cfg.model == TINY_MODEL and pretrained in (None, BASE_TAG):
+        log("the embedded base model (built once and cached)")
+        pretrained = str(ensure_base_model() / "open_clip_model.safetensors")
+    elif pretrained == "random":
+        pretrained = None
+    return encoders.TorchEncoder(cfg.model, pretrained, "model", cfg.device, cfg.batch_size)
+
+
+def _baseline(cfg: EvalConfig, log):
+    """The baseline encoder, or (None, why not)."""
+    spec = cfg.baseline
+    if spec == "none":
+        return None, "none requested"
+    if spec in ("auto", "base"):
+        kind = encoders.source_kind(cfg.source) if cfg.source else None
+        start = encoders.run_start_model(cfg.source) if kind == "run" else None
+        if start is None:
+            why = ("the source is not a fit run" if kind != "run" else
+                   "the run's starting weights are not on this machine")
+            if spec == "base":
+                raise ValueError(f"--baseline base: {why}; give a run or export directory, or --baseline none")
+            return None, f"no baseline: {why} (give --baseline RUN_OR_EXPORT)"
+        log(f"baseline: the run's starting model {start[0]} ({start[1] or 'random init'})")
+        return encoders.TorchEncoder(start[0], start[1], "baseline", cfg.device, cfg.batch_size,
+                                     description={"role": "the run's starting model"}), None
+    return encoders.open_source(spec, "baseline", cfg.device, cfg.provider, cfg.variant, cfg.batch_size), None
+
+
+def _posthoc_target(cfg: EvalConfig, embedded: dict) -> str:
+    """Whose embeddings the post-hoc fixes apply to: by default the original model's (the baseline), since they
+    are the cheap alternative to fine-tuning that the fine-tuned model should beat."""
+    if cfg.posthoc_on == "baseline" and "baseline" not in embedded:
+        raise ValueError("--posthoc-on baseline needs a baseline (--baseline)")
+    if cfg.posthoc_on == "auto":
+        return "baseline" if "baseline" in embedded else "model"
+    return cfg.posthoc_on
+
+
+def _run_tasks(emb, data, cfg: EvalConfig, name: str, log, timings: dict) -> tuple[dict, dict]:
+    results, skipped = {}, {}
+    for task in cfg.tasks:
+        if task in NEEDS_LABELS and data.eval.labels is None:
+            skipped[task] = "the evaluation data has no class labels"
+            continue
+        log(f"{name}: {task}")
+        t0 = time.perf_counter()
+        results[task] = TASK_FUNCTIONS[task](emb, data, cfg)
+        timings[f"{name}.{task}"] = round(time.perf_counter() - t0, 2)
+    return results, skipped
+
+
+def _comparison(systems: dict, reference: str) -> dict:
+    """Gap reductions and metric deltas of every system against ``reference``."""
+    ref = systems[reference]
+    out = {}
+    for name, res in systems.items():
+        if name == reference:
+            continue
+        entry: dict = {}
+        if "gap" in res and "gap" in ref:
+            entry["gap_reduction"] = {m: gap.gap_reduction(ref["gap"][m], res["gap"][m])
+                                      for m in GAP_MEASURES if ref["gap"][m] > 0}
+        delta = {}
+        for task in ("retrieval", "mixed", "clustering", "zeroshot", "caption"):
+            if task in res and task in ref:
+                for key, value in res[task].items():
+                    if isinstance(value, float) and isinstance(ref[task].get(key), float):
+                        delta[f"{task}.{key}"] = value - ref[task][key]
+        entry["delta"] = delta
+        out[name] = entry
+    return out
+
+
+def evaluate(cfg: EvalConfig, log=None, progress=None) -> EvalResult:
+    """Run ``cfg`` and write its report directory; returns where, and the metrics."""
+    say = log or (lambda _msg: None)
+    t_start = time.perf_counter()
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or --out elsewhere")
+    timings: dict = {}
+
+    t0 = time.perf_counter()
+    data = load_eval_data(cfg)
+    timings["data"] = round(time.perf_counter() - t0, 2)
+    say(f"data: {data.description['images']} images, {data.description['captions']} captions; "
+        f"fit set {data.description['fit_images']} images")
+
+    subject = _subject(cfg, say)
+    baseline, baseline_note = _baseline(cfg, say)
+    embedded = {}
+    for enc in (subject, baseline):
+        if enc is not None:
+            t0 = time.perf_counter()
+            embedded[enc.label] = embed_all(enc, data, say)
+            timings[f"{enc.label}.embed"] = round(time.perf_counter() - t0, 2)
+
+    posthoc_maps = {}
+    target = _posthoc_target(cfg, embedded)
+    for name in cfg.posthoc:
+        fix = fit_posthoc(name, *embedded[target].fit_pairs(data))
+        posthoc_maps[f"{target}+{name}"] = fix.describe()
+        embedded[f"{target}+{name}"] = embedded[target].mapped(fix)
+
+    systems, skipped = {}, {}
+    for name, emb in embedded.items():
+        systems[name], why = _run_tasks(emb, data, cfg, name, say, timings)
+        skipped.update(why)
+    reference = "baseline" if "baseline" in systems else "model"
+    comparison = _comparison(systems, reference)
+
+    metrics = {
+        "kind": KIND, "cmalign_version": cmalign.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": subject.description,
+        "baseline": baseline.description if baseline else None, "baseline_note": baseline_note,
+        "posthoc": posthoc_maps,
+        "data": data.description, "notes": data.notes,
+        "settings": {"tasks": list(cfg.tasks), "seed": cfg.seed, "k": cfg.k,
+                     "caption_decoder": cfg.decoder.to_dict(), "caption_tokenizer": TOKENIZER_NAME,
+                     "clustering": "KMeans(k = classes, n_init 10); HDBSCAN(min_cluster_size = max(5, points / "
+                                   "(4 × classes)), min_samples 5) after PCA to 50 dims",
+                     "retrieval_ties": "expected value over a random order of exactly tied scores",
+                     "gap_pairs": "each image with its first caption"},
+        "systems": systems, "skipped": skipped,
+        "comparison": {"reference": reference, "systems": comparison},
+        "timings_seconds": timings,
+        "versions": _versions(),
+        "definitions": DEFINITIONS,
+    }
+    with atomic_dir(out) as tmp:
+        figures = []
+        if cfg.figures:
+            from cmalign.evaluation import figures as figs
+
+            t0 = time.perf_counter()
+            say("figures")
+            figures = figs.write_figures(tmp, embedded, systems, data, cfg)
+            timings["figures"] = round(time.perf_counter() - t0, 2)
+        metrics["figures"] = figures
+        metrics["seconds"] = round(time.perf_counter() - t_start, 1)
+        write_json(tmp / "metrics.json", metrics)
+        from cmalign.evaluation.report import write_report
+
+        write_report(tmp / "report.md", metrics)
+    return EvalResult(out, metrics, metrics["seconds"])
+
+
+def _versions() -> dict:
+    import sklearn
+
+    out = {"python": platform.python_version(), "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+           "platform": platform.platform()}
+    for mod in ("torch", "open_clip", "onnxruntime", "hdbscan"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except (ImportError, AttributeError):
+            pass
+    try:
+        from importlib.metadata import version
+
+        out["pycocoevalcap"] = version("pycocoevalcap")
+    except Exception:  # importlib raises PackageNotFoundError; any failure just leaves the field out
+        pass
+    return out
+
+
+def read_metrics(path: str | Path) -> dict:
+    """A report directory's (or file's) metrics.json."""
+    p = Path(path)
+    p = p / "metrics.json" if p.is_dir() else p
+    m = json.loads(p.read_text())
+    if m.get("kind") != KIND:
+        raise ValueError(f"{p}: not a cmalign eval metrics file")
+    return m
