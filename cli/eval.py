@@ -122,8 +122,11 @@ def print_summary(console, result) -> None:
     table = Table(title=f"{escape(str(result.out))}  ({m['data']['images']} images, {m['data']['captions']} "
                         f"captions, {result.seconds:.0f} s)")
     table.add_column("figure", no_wrap=True)
+    fixed = {name.split("+")[0] for name in m["systems"] if "+" in name}
     for name in m["systems"]:
-        table.add_column(escape(name), justify="right")
+        table.add_column(escape("+" + name.split("+", 1)[1] if "+" in name else name), justify="right")
+    if fixed:
+        table.caption = f"+fix: a post-hoc fix applied to the {' and '.join(sorted(fixed))}'s embeddings"
     for label, cells in summary_rows(m):
         table.add_row(escape(label), *cells)
     console.print(table)
