@@ -61,6 +61,10 @@ def eval_command(
                               rich_help_panel="Caption decoder")] = _C.epochs,
     beam: Annotated[int, typer.Option(help="Beam width of caption decoding (1 = greedy).",
                     rich_help_panel="Caption decoder")] = _C.beam,
+    caption_lm: Annotated[str | None, typer.Option(help="A local Hugging Face causal LM directory (e.g. a saved "
+                          "GPT-2) to decode captions with, ClipCap-style, instead of the small decoder trained from "
+                          "scratch. Needs the lm extra; nothing is downloaded.",
+                          rich_help_panel="Caption decoder")] = None,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write the PNG figures.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of every random choice (subsets, KMeans, t-SNE, decoder).")] = 0,
     device: Annotated[str, typer.Option(help="torch device for runs and models: auto, cpu, cuda.")] = _D.device,
@@ -100,8 +104,8 @@ def eval_command(
                                  image_column=image_column, caption_column=caption_column, label_column=label_column),
             templates=template_list, tasks=_split(tasks), posthoc=parse_posthoc(posthoc), posthoc_on=posthoc_on,
             out=out, overwrite=overwrite, max_images=max_images, fit_images=fit_images, k=k,
-            decoder=DecoderConfig(epochs=decoder_epochs, beam=beam, seed=seed), figures=figures, seed=seed,
-            device=device, provider=provider, variant=variant)
+            decoder=DecoderConfig(epochs=decoder_epochs, beam=beam, seed=seed, language_model=caption_lm),
+            figures=figures, seed=seed, device=device, provider=provider, variant=variant)
         with console.status("evaluating", spinner="dots") as status:
             result = evaluate(cfg, log=(lambda msg: None) if quiet else
                               (lambda msg: (status.update(escape(msg)), console.log(escape(msg)))))

@@ -160,3 +160,21 @@ def test_bad_input_gets_a_clear_error_and_keeps_an_old_report(base_model_dir, tm
                        "--overwrite"])
     assert r.exit_code == 2 and "missing.csv" in text
     assert (out / "metrics.json").read_text() == "{}"
+
+
+def test_caption_task_with_a_local_language_model(base_model_dir, tmp_path):
+    from helpers.tiny_lm import tiny_local_gpt2
+
+    from cmalign.data.synth import synth_split
+
+    captions = [r.caption for r in synth_split("train", n_images=40).records + synth_split("val").records]
+    lm = tiny_local_gpt2(tmp_path / "gpt2", captions)
+    out = tmp_path / "rep"
+    r, text = _invoke([str(base_model_dir), "--tasks", "caption", "--caption-lm", str(lm), "--max-images", "30",
+                       "--fit-images", "30", "--decoder-epochs", "1", "--no-figures", "--out", str(out)])
+    assert r.exit_code == 0, text
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["settings"]["caption_decoder"]["language_model"] == str(lm)
+    from transformers import AutoTokenizer
+
+    assert m["systems"]["model"]["caption"]["vocabulary"] == len(AutoTokenizer.from_pretrained(lm))

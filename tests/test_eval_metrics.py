@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from helpers.tiny_lm import tiny_local_gpt2
 
 from cmalign import gap
 from cmalign.captioning.decoder import DecoderConfig, train_decoder
@@ -185,3 +186,16 @@ def test_parse_posthoc():
     assert parse_posthoc("liang, centring") == ("liang", "centring")
     with pytest.raises(ValueError, match="unknown fix"):
         parse_posthoc("whitening")
+
+
+def test_clipcap_with_a_local_language_model(tmp_path):
+    captions = ["a red circle", "two blue squares", "one green star on white", "a yellow ring"]
+    lm = tiny_local_gpt2(tmp_path / "gpt2", captions)
+    emb = _rng_unit(4, 16)
+    cfg = DecoderConfig(language_model=str(lm), language_model_lr=3e-3, lr=3e-3, epochs=120, batch_size=4,
+                        dropout=0.0, prefix_length=2)
+    dec = train_decoder(emb, captions, cfg)
+    assert dec.history[-1] < 0.1 * dec.history[0]
+    assert dec.generate(emb) == captions
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        train_decoder(emb, captions, DecoderConfig(language_model=str(tmp_path / "gpt2-missing")))

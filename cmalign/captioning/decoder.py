@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -38,6 +39,8 @@ class DecoderConfig:
     dropout: float = 0.1
     noise_std: float = 0.0  # Gaussian noise on training embeddings (CapDec); 0 keeps the protocol's pure setting
     beam: int = 1  # 1 = greedy
+    language_model: str | None = None  # a local Hugging Face causal LM directory (e.g. GPT-2): ClipCap proper
+    language_model_lr: float = 5e-5
     seed: int = 0
     device: str = "cpu"
 
@@ -99,10 +102,14 @@ class PrefixDecoder(nn.Module):
 
 @dataclass
 class TrainedDecoder:
-    model: PrefixDecoder
-    vocab: Vocabulary
+    model: nn.Module  # forward(emb, tokens) -> next-token logits, tokens starting with a start marker
+    decode_ids: Callable[[list[int]], str]
+    vocabulary_size: int
     cfg: DecoderConfig
     history: list[float]  # mean training loss per epoch
+    start: int = BOS
+    eos: int = EOS
+    pad: int = PAD
 
     @torch.no_grad()
     def generate(self, emb: np.ndarray, batch_size: int = 256) -> list[str]:
@@ -110,69 +117,92 @@ class TrainedDecoder:
         out: list[str] = []
         for s in range(0, len(emb), batch_size):
             x = torch.as_tensor(np.asarray(emb[s:s + batch_size], np.float32), device=self.cfg.device)
-            seqs = _beam_search(self.model, x, self.cfg.beam, self.cfg.max_tokens)
-            out.extend(self.vocab.decode(row) for row in seqs.tolist())
+            seqs = _beam_search(self.model, x, self.cfg.beam, self.cfg.max_tokens, self.start, self.eos, self.pad)
+            out.extend(self.decode_ids(row) for row in seqs.tolist())
         return out
 
 
-def _beam_search(model: PrefixDecoder, emb: torch.Tensor, beam: int, max_tokens: int) -> torch.Tensor:
-    """Best sequences (without <bos>); beam = 1 is greedy. Hypotheses that emitted <eos> keep their score."""
-    b, v = len(emb), model.head.out_features
+def _beam_search(model: nn.Module, emb: torch.Tensor, beam: int, max_tokens: int, start: int, eos: int,
+                 pad: int) -> torch.Tensor:
+    """Best sequences (without the start marker); beam = 1 is greedy. Finished hypotheses keep their score."""
+    b = len(emb)
     emb = emb.repeat_interleave(beam, 0)
-    seq = torch.full((b * beam, 1), BOS, dtype=torch.long, device=emb.device)
+    seq = torch.full((b * beam, 1), start, dtype=torch.long, device=emb.device)
     score = torch.zeros(b, beam, device=emb.device)
     score[:, 1:] = -math.inf  # all beams start identical: expand only the first
     done = torch.zeros(b * beam, dtype=torch.bool, device=emb.device)
     for _ in range(max_tokens):
         logp = torch.log_softmax(model(emb, seq)[:, -1].float(), -1)
+        v = logp.shape[-1]
         logp[done] = -math.inf
-        logp[done, PAD] = 0.0  # a finished hypothesis only pads, at no cost
+        logp[done, pad] = 0.0  # a finished hypothesis only pads, at no cost
         total = (score.view(-1, 1) + logp).view(b, beam * v)
         score, flat = total.topk(beam, dim=1)
         origin = (flat // v) + torch.arange(b, device=emb.device)[:, None] * beam
         token = (flat % v).view(-1, 1)
         seq = torch.cat([seq[origin.view(-1)], token], 1)
-        done = done[origin.view(-1)] | (token.view(-1) == EOS) | (token.view(-1) == PAD)
+        done = done[origin.view(-1)] | (token.view(-1) == eos) | (token.view(-1) == pad)
         if bool(done.all()):
             break
     best = score.argmax(1) + torch.arange(b, device=emb.device) * beam
     return seq[best, 1:]
 
 
-def _teacher_forcing(ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs, targets, lengths): <bos> w1..wn → w1..wn <eos>, padded; −100 marks padding in the targets."""
+def _teacher_forcing(ids: list[list[int]], start: int = BOS, eos: int = EOS, pad: int = PAD):
+    """(inputs, targets, lengths): start w1..wn → w1..wn eos, padded; −100 marks padding in the targets."""
     length = max(len(t) for t in ids) + 1
-    inp = torch.full((len(ids), length), PAD, dtype=torch.long)
+    inp = torch.full((len(ids), length), pad, dtype=torch.long)
     tgt = torch.full((len(ids), length), -100, dtype=torch.long)
     for i, t in enumerate(ids):
-        inp[i, : len(t) + 1] = torch.tensor([BOS] + t)
-        tgt[i, : len(t) + 1] = torch.tensor(t + [EOS])
+        inp[i, : len(t) + 1] = torch.tensor([start] + t)
+        tgt[i, : len(t) + 1] = torch.tensor(t + [eos])
     return inp, tgt, torch.tensor([len(t) + 1 for t in ids])
 
 
-def train_decoder(embeddings: np.ndarray, captions: list[str], cfg: DecoderConfig | None = None,
-                  progress=None) -> TrainedDecoder:
-    """Fit the decoder to reconstruct ``captions[i]`` from ``embeddings[i]`` (normalised text embeddings)."""
-    cfg = cfg or DecoderConfig()
+def _check_inputs(embeddings, captions) -> None:
     if len(embeddings) != len(captions):
         raise ValueError(f"{len(embeddings)} embeddings for {len(captions)} captions")
     if len(captions) == 0:
         raise ValueError("the caption decoder needs training captions")
+
+
+def train_decoder(embeddings: np.ndarray, captions: list[str], cfg: DecoderConfig | None = None,
+                  progress=None) -> TrainedDecoder:
+    """Fit the decoder to reconstruct ``captions[i]`` from ``embeddings[i]`` (normalised text embeddings).
+
+    With ``cfg.language_model`` (a local Hugging Face causal LM directory), ClipCap proper: the prefix goes in
+    front of that model's token embeddings and both are fine-tuned.
+    """
+    cfg = cfg or DecoderConfig()
+    _check_inputs(embeddings, captions)
+    if cfg.language_model:
+        from cmalign.captioning.lm_decoder import train_lm_decoder
+
+        return train_lm_decoder(embeddings, captions, cfg, progress)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     tokens = [tokenize(c)[: cfg.max_tokens] for c in captions]
     vocab = Vocabulary.build(tokens, cfg.max_vocab)
-    inputs, targets, lengths = _teacher_forcing([vocab.encode(t) for t in tokens])
     emb = torch.as_tensor(np.asarray(embeddings, np.float32))
     model = PrefixDecoder(emb.shape[1], len(vocab), cfg).to(cfg.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(tokens) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                pct_start=0.1)
+    history = fit_decoder(model, [{"params": model.parameters(), "lr": cfg.lr}], emb,
+                          _teacher_forcing([vocab.encode(t) for t in tokens]), cfg, progress)
+    return TrainedDecoder(model, vocab.decode, len(vocab), cfg, history)
+
+
+def fit_decoder(model: nn.Module, groups: list[dict], emb: torch.Tensor, teacher, cfg: DecoderConfig,
+                progress=None) -> list[float]:
+    """Teacher-forced cross-entropy with AdamW and a one-cycle schedule; the mean loss of each epoch."""
+    inputs, targets, lengths = teacher
+    rng = np.random.default_rng(cfg.seed)
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(inputs) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
+                                                total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1)
+    params = [p for g in opt.param_groups for p in g["params"]]
     history = []
     model.train()
     for epoch in range(cfg.epochs):
-        order = torch.as_tensor(rng.permutation(len(tokens)))
+        order = torch.as_tensor(rng.permutation(len(inputs)))
         losses = []
         for s in range(0, len(order), cfg.batch_size):
             batch = order[s:s + cfg.batch_size]
@@ -185,11 +215,11 @@ def train_decoder(embeddings: np.ndarray, captions: list[str], cfg: DecoderConfi
             loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.to(cfg.device).view(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             losses.append(loss.item())
         history.append(float(np.mean(losses)))
         if progress:
             progress(epoch + 1, cfg.epochs)
-    return TrainedDecoder(model, vocab, cfg, history)
+    return history

@@ -59,7 +59,7 @@ def caption_task(e: Embedded, data: EvalData, cfg, progress=None) -> dict:
     return {
         "cider_d": img["cider_d"], "bleu4": img["bleu4"],
         "text_ceiling_cider_d": txt["cider_d"], "text_ceiling_bleu4": txt["bleu4"],
-        "images": img["images"], "train_captions": len(data.fit.captions), "vocabulary": len(decoder.vocab),
+        "images": img["images"], "train_captions": len(data.fit.captions), "vocabulary": decoder.vocabulary_size,
         "final_train_loss": decoder.history[-1], "train_seconds": round(train_seconds, 1),
         "cider_seconds": round(img["cider_seconds"] + txt["cider_seconds"], 3),
         "examples": [{"references": refs[k][:3], "from_image": from_image[i], "from_text": from_text[i]}
