@@ -14,6 +14,7 @@ import torch
 
 from cmalign import gap
 from cmalign.data.records import Record, load_image
+from cmalign.retrieval import retrieval_metrics
 
 
 @dataclass
@@ -87,11 +88,10 @@ def embed(model, guard: GuardSet, preprocess, tokenizer, device, batch_size: int
 
 
 def recall_at_1(emb: dict, guard: GuardSet) -> tuple[float, float]:
-    """i→t hits if any caption of the image ranks first; t→i if the caption's own image does."""
-    sims = emb["image"] @ emb["text"].T
-    i2t = (guard.caption_image[sims.argmax(1)] == np.arange(len(guard.images))).mean()
-    t2i = (sims.argmax(0) == guard.caption_image).mean()
-    return float(i2t), float(t2i)
+    """i→t hits if any caption of the image ranks first; t→i if the caption's own image does. Exact ties
+    (duplicate captions) count as their expectation over a random order (:mod:`cmalign.retrieval`)."""
+    r = retrieval_metrics(emb["image"], emb["text"], guard.caption_image, ks=(1,))
+    return r["i2t_R@1"], r["t2i_R@1"]
 
 
 def zero_shot_top1(emb: dict, guard: GuardSet) -> float | None:

@@ -94,7 +94,11 @@ def _run_tasks(emb, data, cfg: EvalConfig, name: str, log, timings: dict) -> tup
             continue
         log(f"{name}: {task}")
         t0 = time.perf_counter()
-        results[task] = TASK_FUNCTIONS[task](emb, data, cfg)
+        if task == "caption":
+            results[task] = TASK_FUNCTIONS[task](emb, data, cfg, progress=lambda done, total: log(
+                f"{name}: caption decoder, epoch {done}/{total}"))
+        else:
+            results[task] = TASK_FUNCTIONS[task](emb, data, cfg)
         timings[f"{name}.{task}"] = round(time.perf_counter() - t0, 2)
     return results, skipped
 
@@ -121,8 +125,9 @@ def _comparison(systems: dict, reference: str) -> dict:
     return out
 
 
-def evaluate(cfg: EvalConfig, log=None, progress=None) -> EvalResult:
-    """Run ``cfg`` and write its report directory; returns where, and the metrics."""
+def evaluate(cfg: EvalConfig, log=None) -> EvalResult:
+    """Run ``cfg`` and write its report directory; returns where, and the metrics. ``log(message)`` hears of
+    each stage (the CLI shows them)."""
     say = log or (lambda _msg: None)
     t_start = time.perf_counter()
     out = Path(cfg.out) if cfg.out else default_out(cfg)
@@ -146,7 +151,7 @@ def evaluate(cfg: EvalConfig, log=None, progress=None) -> EvalResult:
             timings[f"{enc.label}.embed"] = round(time.perf_counter() - t0, 2)
 
     posthoc_maps = {}
-    target = _posthoc_target(cfg, embedded)
+    target = _posthoc_target(cfg, embedded) if cfg.posthoc else None
     for name in cfg.posthoc:
         fix = fit_posthoc(name, *embedded[target].fit_pairs(data))
         posthoc_maps[f"{target}+{name}"] = fix.describe()
