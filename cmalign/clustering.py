@@ -48,8 +48,9 @@ def _hdbscan_scores(points: np.ndarray, truth: np.ndarray, n_classes: int, seed:
                     min_cluster_size: int | None) -> dict:
     import hdbscan
 
-    if points.shape[1] > HDBSCAN_PCA_DIMS:
-        points = PCA(HDBSCAN_PCA_DIMS, random_state=seed).fit_transform(points)
+    dims = min(HDBSCAN_PCA_DIMS, len(points))  # PCA has at most as many components as points
+    if points.shape[1] > dims:
+        points = PCA(dims, random_state=seed).fit_transform(points)
     # a class seen from one modality is half of its points; a cluster should be a sizeable share of that
     size = min_cluster_size or max(5, len(points) // (4 * n_classes))
     pred = hdbscan.HDBSCAN(min_cluster_size=size, min_samples=5).fit_predict(points)

@@ -178,3 +178,19 @@ def test_caption_task_with_a_local_language_model(base_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
     assert m["systems"]["model"]["caption"]["vocabulary"] == len(AutoTokenizer.from_pretrained(lm))
+
+
+def test_user_data_with_labels_and_separate_fit_data(base_model_dir, tmp_path):
+    from cmalign.data.synth import write_synth
+
+    written = write_synth(tmp_path / "synth", sizes={"train": 30, "val": 40})
+    out = tmp_path / "rep"
+    r, text = _invoke([str(base_model_dir), "--data", str(written["val"]), "--fit-data", str(written["train"]),
+                       "--decoder-epochs", "1", "--no-figures", "--posthoc", "procrustes", "--out", str(out)])
+    assert r.exit_code == 0, text
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["data"]["images"] == 40 and m["data"]["captions"] == 200 and m["data"]["fit_images"] == 30
+    assert m["data"]["templates"][0] == "a photo of a {}."  # CLIP-style prompts for user data
+    assert len(m["data"]["classes"]) > 1 and not m["skipped"] and not m["notes"]
+    for system in ("model", "model+procrustes"):
+        assert {"clustering", "zeroshot"} <= set(m["systems"][system])

@@ -199,3 +199,9 @@ def test_clipcap_with_a_local_language_model(tmp_path):
     assert dec.generate(emb) == captions
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         train_decoder(emb, captions, DecoderConfig(language_model=str(tmp_path / "gpt2-missing")))
+
+
+def test_clustering_works_with_fewer_points_than_dimensions():
+    img, txt, labels = _class_clouds(n_per=5, classes=3, d=64)  # 30 points in 64-d: PCA is capped
+    m = joint_clustering(img, txt, labels)
+    assert m["points"] == 30 and m["kmeans_ari"] == pytest.approx(1.0)

@@ -37,3 +37,17 @@ def test_vit_b32_export_with_random_weights(tmp_path):
     assert m["graphs"]["int8"]["image"]["parity"]["min_cosine"] >= 0.98
     rt = load_export(res.out)
     assert rt.encode_texts(["a photo of a dog", ""]).shape == (2, 512)
+
+
+@pytest.mark.slow
+def test_vit_b32_eval_with_random_weights(tmp_path):
+    """The real backbone through every eval task and the post-hoc fixes (random weights: no hub here)."""
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(app, ["eval", "--model", "ViT-B-32", "--pretrained", "random", "--max-images", "24",
+                                 "--fit-images", "24", "--decoder-epochs", "1", "--posthoc", "all", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["systems"]["model"]["gap"]["d"] == 512
+    assert set(m["systems"]) == {"model", "model+centring", "model+liang", "model+procrustes"}
+    assert all(set(s) == {"gap", "retrieval", "mixed", "clustering", "zeroshot", "caption"}
+               for s in m["systems"].values())
