@@ -106,6 +106,7 @@ def tasks_vs_gap(path: Path, systems: dict, k: int) -> None:
                 if task in systems[n]:
                     ax.scatter(systems[n]["gap"][measure], systems[n][task][key], color=colours(i), label=n, s=30)
             ax.set_xlabel(mlabel, fontsize=8)
+            ax.locator_params(axis="x", nbins=4)
             ax.set_ylabel(label, fontsize=8)
             ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7, loc="best")
