@@ -35,7 +35,7 @@ def read_records(path: str, cfg) -> tuple[list[Record], list[BadSample]]:
     return res.records, res.skipped
 
 
-def _held_out_keys(records: list[Record], fraction: float) -> set[str]:
+def held_out_keys(records: list[Record], fraction: float) -> set[str]:
     """The ``fraction`` of image keys (at least one) whose hashes are smallest: deterministic, and never
     empty on a small set (a per-key hash threshold left 40 images with none, depending on their paths)."""
     keys = {r.key for r in records}
@@ -63,7 +63,7 @@ def load_splits(cfg) -> DataSplits:
         desc_val = cfg.val
     else:
         kept, val = [], []
-        held_out = _held_out_keys(train, cfg.val_fraction)
+        held_out = held_out_keys(train, cfg.val_fraction)
         for r in train:
             (val if r.key in held_out else kept).append(r)
         if not val:

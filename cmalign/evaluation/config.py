@@ -43,7 +43,8 @@ class EvalConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     figures: bool = True
     map_points: int = 400  # images (and as many captions) per 2-D map
-    seed: int = 0
+    seed: int = 0  # every random choice of the evaluation (KMeans, PCA, t-SNE, MMD subsamples, the decoder)
+    synth_seed: int = 0  # which generated data set (the one `fit`'s default trains on is seed 0)
     device: str = "auto"  # torch models: auto | cpu | cuda
     provider: str = "cpu"  # exports: cpu | cuda
     variant: str = "fp32"  # exports: fp32 | fp16 | int8

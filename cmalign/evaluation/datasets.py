@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cmalign.data import synth
-from cmalign.data.sources import DEFAULT_CLASS_TEMPLATES, _held_out_keys, read_records
+from cmalign.data.sources import DEFAULT_CLASS_TEMPLATES, held_out_keys, read_records
 from cmalign.guard import GuardSet
 
 ALL = 10**12
@@ -28,11 +28,11 @@ def load_eval_data(cfg) -> EvalData:
     """
     notes: list[str] = []
     if cfg.data is None:
-        eval_records = synth.synth_split("val", seed=cfg.seed).records
-        fit_records = synth.synth_split("train", seed=cfg.seed, n_images=cfg.fit_images).records
+        eval_records = synth.synth_split("val", seed=cfg.synth_seed).records
+        fit_records = synth.synth_split("train", seed=cfg.synth_seed, n_images=cfg.fit_images).records
         templates = synth.CLASS_TEMPLATES
-        desc = {"eval": f"generated validation split (seed {cfg.seed})",
-                "fit": f"generated train split, first {cfg.fit_images} images (seed {cfg.seed})"}
+        desc = {"eval": f"generated validation split (data seed {cfg.synth_seed})",
+                "fit": f"generated train split, first {cfg.fit_images} images (data seed {cfg.synth_seed})"}
     else:
         eval_records, skipped = read_records(cfg.data, cfg.reader)
         if skipped:
@@ -44,7 +44,7 @@ def load_eval_data(cfg) -> EvalData:
                 notes.append(f"{len(skipped)} row(s) of {cfg.fit_data} skipped while reading")
             desc = {"eval": cfg.data, "fit": cfg.fit_data}
         else:
-            held = _held_out_keys(eval_records, cfg.fit_share)
+            held = held_out_keys(eval_records, cfg.fit_share)
             fit_records = [r for r in eval_records if r.key in held]
             eval_records = [r for r in eval_records if r.key not in held]
             if not fit_records or not eval_records:
