@@ -108,7 +108,8 @@ def eval_command(
             figures=figures, seed=seed, device=device, provider=provider, variant=variant)
         with console.status("evaluating", spinner="dots") as status:
             result = evaluate(cfg, log=(lambda msg: None) if quiet else
-                              (lambda msg: (status.update(escape(msg)), console.log(escape(msg)))))
+                              (lambda msg: (status.update(escape(msg)), console.log(escape(msg)))),
+                              progress=lambda msg: status.update(escape(msg)))
     except (SourceError, DataSchemaError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
         Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(code=2) from None

@@ -86,7 +86,7 @@ def _posthoc_target(cfg: EvalConfig, embedded: dict) -> str:
     return cfg.posthoc_on
 
 
-def _run_tasks(emb, data, cfg: EvalConfig, name: str, log, timings: dict) -> tuple[dict, dict]:
+def _run_tasks(emb, data, cfg: EvalConfig, name: str, log, progress, timings: dict) -> tuple[dict, dict]:
     results, skipped = {}, {}
     for task in cfg.tasks:
         if task in NEEDS_LABELS and data.eval.labels is None:
@@ -95,7 +95,7 @@ def _run_tasks(emb, data, cfg: EvalConfig, name: str, log, timings: dict) -> tup
         log(f"{name}: {task}")
         t0 = time.perf_counter()
         if task == "caption":
-            results[task] = TASK_FUNCTIONS[task](emb, data, cfg, progress=lambda done, total: log(
+            results[task] = TASK_FUNCTIONS[task](emb, data, cfg, progress=lambda done, total: progress(
                 f"{name}: caption decoder, epoch {done}/{total}"))
         else:
             results[task] = TASK_FUNCTIONS[task](emb, data, cfg)
@@ -125,10 +125,11 @@ def _comparison(systems: dict, reference: str) -> dict:
     return out
 
 
-def evaluate(cfg: EvalConfig, log=None) -> EvalResult:
+def evaluate(cfg: EvalConfig, log=None, progress=None) -> EvalResult:
     """Run ``cfg`` and write its report directory; returns where, and the metrics. ``log(message)`` hears of
-    each stage (the CLI shows them)."""
+    each stage, ``progress(message)`` of transient progress within one (the caption decoder's epochs)."""
     say = log or (lambda _msg: None)
+    tick = progress or (lambda _msg: None)
     t_start = time.perf_counter()
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
@@ -159,7 +160,7 @@ def evaluate(cfg: EvalConfig, log=None) -> EvalResult:
 
     systems, skipped = {}, {}
     for name, emb in embedded.items():
-        systems[name], why = _run_tasks(emb, data, cfg, name, say, timings)
+        systems[name], why = _run_tasks(emb, data, cfg, name, say, tick, timings)
         skipped.update(why)
     reference = "baseline" if "baseline" in systems else "model"
     comparison = _comparison(systems, reference)
