@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cmalign.config import FitConfig, load_config
+from cmalign.config import FitConfig, load_config, parse_set
 
 HELP = (
     "Fine-tune an open_clip model with TPC-CMA: contrastive loss + centroid/distribution alignment, "
@@ -151,11 +151,10 @@ def fit_command(
         "train.device": device, "train.seed": seed, "train.out": out,
         "train.checkpoint_every": checkpoint_every, "train.guard_every": guard_every,
     }
-    for item in set_ or []:
-        if "=" not in item:
-            raise typer.BadParameter(f"expected KEY=VALUE, got '{item}'", param_hint="--set")
-        k, v = item.split("=", 1)
-        flags[k.strip()] = v.strip()
+    try:
+        flags.update(parse_set(set_ or []))
+    except ValueError as e:
+        raise typer.BadParameter(str(e).removeprefix("--set: "), param_hint="--set") from None
     if resume:
         if out is None:
             raise typer.BadParameter("--resume needs --out RUN (the run directory to continue)", param_hint="--resume")

@@ -15,12 +15,13 @@ from cmalign.cli import export as export_cmd
 from cmalign.cli import fit as fit_cmd
 from cmalign.cli import index as index_cmd
 from cmalign.cli import search as search_cmd
+from cmalign.cli import sweep as sweep_cmd
 
 app = typer.Typer(
     name="cmalign",
     help="Close the modality gap of CLIP-style models: TPC-CMA fine-tuning (fit), ONNX export (export), "
-         "corpus embedding (embed, embed-merge), evaluation (eval), joint image+text FAISS indexes (index, "
-         "index-add, search) and the generated default data set (data). "
+         "corpus embedding (embed, embed-merge), evaluation (eval), the α sweep (sweep), joint image+text FAISS "
+         "indexes (index, index-add, search) and the generated default data set (data). "
          "Run `cmalign COMMAND --help` for each command's options.",
     no_args_is_help=True,
     add_completion=False,
@@ -31,6 +32,7 @@ app.command("export", help=export_cmd.HELP)(export_cmd.export_command)
 app.command("embed", help=embed_cmd.HELP)(embed_cmd.embed_command)
 app.command("embed-merge", help=embed_cmd.MERGE_HELP)(embed_cmd.merge_command)
 app.command("eval", help=eval_cmd.HELP)(eval_cmd.eval_command)
+app.command("sweep", help=sweep_cmd.HELP)(sweep_cmd.sweep_command)
 app.command("index", help=index_cmd.HELP)(index_cmd.index_command)
 app.command("index-add", help=index_cmd.ADD_HELP)(index_cmd.add_command)
 app.command("search", help=search_cmd.HELP)(search_cmd.search_command)

@@ -204,6 +204,17 @@ def _coerce(value: Any, current: Any, hint: Any, key: str) -> Any:
     return value
 
 
+def parse_set(items: list[str]) -> dict[str, str]:
+    """``["train.steps=100", ...]`` (the CLI's ``--set``) → ``{"train.steps": "100"}``; typed by apply_overrides."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set: expected KEY=VALUE, got '{item}'")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
 def apply_overrides(cfg: FitConfig, overrides: dict[str, Any]) -> FitConfig:
     """Set dotted keys (``"train.steps"``, ``"alpha_target"``); unknown keys are an error."""
     for key, value in overrides.items():
