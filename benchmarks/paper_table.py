@@ -85,10 +85,15 @@ def main() -> None:
     if a005 and "metrics" in a005:
         checks.append(("α=0.05 zero-shot drop ≤ 5 %", a005["zeroshot_drop"] <= 0.05, _pct(-a005["zeroshot_drop"])))
 
+    from cmalign.evaluation.runner import versions as package_versions
+
+    versions = ", ".join(f"{k} {v}" for k, v in package_versions().items() if k not in ("platform", "python"))
     text = "\n".join([
         "# The paper's table in miniature (`benchmarks/paper_table.py`)", "",
         f"cmalign-tiny from its cached base, generated data, default fit recipe; {s['created']}; "
-        f"{os.cpu_count()} CPU cores, {platform.platform()}; {result.seconds:.0f} s.", "",
+        f"{os.cpu_count()} CPU cores, {platform.platform()}, Python {platform.python_version()}; {versions}; "
+        f"the sweep's compute {s['compute_seconds'] / 60:.1f} min (fits + evals, from their own records; this "
+        f"invocation {result.seconds:.0f} s).", "",
         "Reference for gap reduction, zero-shot and CIDEr change: the α = 0 run (plain fine-tuning, same steps). "
         "The paper's reference is the original model, hence the \"vs base\" column too.", "",
         *lines, "", "## Quality bars", "",

@@ -300,6 +300,14 @@ def stability(run_dir: Path, window: int = 20, factor: float = 1.5) -> dict:
             "final_loss": float(loss[finite][-10:].mean()) if finite.any() else math.nan}
 
 
+def _seconds(manifest: Path) -> float:
+    """The "seconds" a run manifest or eval metrics file records (0 when absent)."""
+    try:
+        return float(json.loads(manifest.read_text()).get("seconds", 0.0))
+    except (OSError, ValueError, TypeError):
+        return 0.0
+
+
 def _rows_of_eval(eval_dir: Path) -> dict:
     from cmalign.evaluation.runner import read_metrics
 
@@ -317,7 +325,9 @@ def summarise(cfg: SweepConfig, specs: list[RunSpec], out: Path, done: list[dict
             row["error"] = errors[spec.name]
         elif (eval_dir / "metrics.json").is_file():
             row["metrics"] = flatten(_rows_of_eval(eval_dir)["model"])
+        row["seconds"] = _seconds(run_dir / "manifest.json") + _seconds(eval_dir / "metrics.json")
         rows.append(row)
+    base_seconds = _seconds(out / "evals" / "base" / "metrics.json")
     if cfg.baselines and (out / "evals" / "base" / "metrics.json").is_file():
         for name, system in _rows_of_eval(out / "evals" / "base").items():
             label = "base" if name == "model" else name.replace("model+", "base+")
@@ -335,6 +345,8 @@ def summarise(cfg: SweepConfig, specs: list[RunSpec], out: Path, done: list[dict
         "kind": KIND, "cmalign_version": cmalign.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": asdict(cfg), "reference": reference["name"] if reference else None,
         "rows": rows, "r2": r2_table(measured), "recommendation": rec,
+        # what the whole sweep cost, from the artifacts' own timings (so a resumed sweep still counts it all)
+        "compute_seconds": round(sum(r.get("seconds", 0.0) for r in rows) + base_seconds, 1),
         "jobs": done,
     }
 

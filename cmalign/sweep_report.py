@@ -56,7 +56,8 @@ def write_sweep_report(out: Path, summary: dict) -> None:
              f"evaluation data: {s['val'] or 'generated validation split'}",
              f"- steps: {s['steps'] or 'fit default'}; seed {s['seed']}; fit overrides: {s['fit_overrides'] or 'none'}",
              f"- reference for gap reduction, zero-shot change and CIDEr change: **{ref}**",
-             f"- written {summary['created']} by cmalign {summary['cmalign_version']} in {summary['seconds']:.0f} s",
+             f"- written {summary['created']} by cmalign {summary['cmalign_version']}; this invocation "
+             f"{summary['seconds']:.0f} s, the whole sweep's fits and evals {summary['compute_seconds'] / 60:.1f} min",
              "", "## Runs", ""]
     lines += _md_table(TABLE_HEADER, table_rows(summary))
     lines += ["", "gap reduction = 1 − raw gap / reference's; zero-shot change = relative change of top-1; "

@@ -78,6 +78,7 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
     names = [row["name"] for row in s["rows"]]
     assert names == ["a0", "a0.5", "base", "base+centring", "base+liang", "base+procrustes"]
     assert s["reference"] == "a0"
+    assert s["compute_seconds"] > sum(j.get("fit_seconds", 0) for j in s["jobs"])  # kept runs still count
     a05 = s["rows"][1]
     assert {"gap.raw", "gap.mmd2", "clustering.kmeans_ari", "caption.cider_d", "zeroshot.top1"} <= set(a05["metrics"])
     assert a05["stability"]["steps"] == 6 and a05["stability"]["non_finite"] == 0

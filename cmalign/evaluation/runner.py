@@ -181,7 +181,7 @@ def evaluate(cfg: EvalConfig, log=None, progress=None) -> EvalResult:
         "systems": systems, "skipped": skipped,
         "comparison": {"reference": reference, "systems": comparison},
         "timings_seconds": timings,
-        "versions": _versions(),
+        "versions": versions(),
         "definitions": DEFINITIONS,
     }
     with atomic_dir(out) as tmp:
@@ -202,7 +202,7 @@ def evaluate(cfg: EvalConfig, log=None, progress=None) -> EvalResult:
     return EvalResult(out, metrics, metrics["seconds"])
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import sklearn
 
     out = {"python": platform.python_version(), "numpy": np.__version__, "scikit-learn": sklearn.__version__,
