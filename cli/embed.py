@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from cmalign.cli.errors import fail
+
 HELP = (
     "Embed a data set with an export (torch-free onnxruntime) into clip-retrieval's layout: "
     "OUT/img_emb/img_emb_NNNN.npy, OUT/text_emb/text_emb_NNNN.npy, OUT/metadata/metadata_NNNN.parquet "
@@ -67,9 +69,7 @@ def embed_command(
             result = embed_dataset(cfg, progress=report)
     except (DataSchemaError, EmbeddingsError, ExportFormatError, ProviderUnavailableError, FileExistsError,
             FileNotFoundError, ValueError) as e:
-        # escape(): paths and messages are text, not markup ("[raw]" would vanish, "[/raw]" would raise)
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(code=2) from None
+        fail(e)
     if quiet:
         return
     i, n = result.shard
@@ -100,8 +100,7 @@ def merge_command(
     try:
         manifest = merge_shards(out)
     except EmbeddingsError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(code=2) from None
+        fail(e)
     Console().print(f"merged {manifest['num_shards']} shard(s): {manifest['rows']['images']} images, "
                     f"{manifest['rows']['texts']} texts, {manifest['skipped']} skipped → {escape(out)}/manifest.json",
                     soft_wrap=True, highlight=False)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cmalign.captioning.decoder import DecoderConfig
+from cmalign.cli.errors import fail
 from cmalign.evaluation.config import TASKS, EvalConfig, ReaderOptions
 
 HELP = (
@@ -111,8 +112,7 @@ def eval_command(
                               (lambda msg: (status.update(escape(msg)), console.log(escape(msg)))),
                               progress=lambda msg: status.update(escape(msg)))
     except (SourceError, DataSchemaError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(code=2) from None
+        fail(e)
     if not quiet:
         print_summary(console, result)
 

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from cmalign.cli.errors import fail
+
 HELP = (
     "Export the image and text encoders as ONNX graphs that output L2-normalised embeddings, with the "
     "preprocessing config, the tokenizer and a manifest, for the torch-free runtime "
@@ -58,8 +60,7 @@ def export_command(
             result = export_model(cfg, log=(lambda msg: None) if quiet else
                                   (lambda msg: (status.update(escape(msg)), console.log(escape(msg)))))
     except (ParityError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(code=2) from None
+        fail(e)
     if not quiet:
         print_summary(console, result)
 

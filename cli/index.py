@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from cmalign.cli.errors import fail
+
 HELP = (
     "Build one FAISS index over the image AND text embeddings of a `cmalign embed` directory (inner product on "
     "L2-normalised vectors, int64 ids), with the id → (modality, pair_id, path, caption) table and a manifest "
@@ -17,14 +19,6 @@ HELP = (
 )
 ADD_HELP = ("Add a merged embeddings directory (new data embedded with the same export) to an existing index "
             "without rebuilding it, then re-tune its search knobs.")
-
-
-def _fail(e: Exception):
-    from rich.console import Console
-    from rich.markup import escape
-
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code=2) from None
 
 
 def _errors():
@@ -104,7 +98,7 @@ def index_command(
         with progress:
             result = build_index(cfg, progress=report)
     except _errors() as e:
-        _fail(e)
+        fail(e)
     if not quiet:
         print_summary(result.manifest, str(result.out), result.seconds)
 
@@ -122,6 +116,6 @@ def add_command(
         with progress:
             result = add_to_index(index, embeddings, retune=not no_retune, progress=report)
     except _errors() as e:
-        _fail(e)
+        fail(e)
     if not quiet:
         print_summary(result.manifest, str(result.out), result.seconds)

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from cmalign.cli.errors import fail
+
 HELP = (
     "Search a joint index with text (--text) or image (--image) queries, encoded by the export that built the "
     "index (ONNX runtime, no torch). Prints rank, score, modality and the image path or caption of each hit; "
@@ -42,8 +44,7 @@ def search_command(
         results = search(cfg)
     except (ExportMismatchError, IndexFormatError, ExportFormatError, EmbeddingsError, ProviderUnavailableError,
             GpuUnavailableError, FileNotFoundError, ValueError) as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(code=2) from None
+        fail(e)
     if as_json:
         typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
         return

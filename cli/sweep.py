@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from cmalign.cli.errors import fail
 from cmalign.sweep import SweepConfig
 
 HELP = (
@@ -77,8 +78,7 @@ def sweep_command(
             raise SweepError(f"--select must be gap, ari or cider, got {select!r}")
         result = sweep(cfg, log=(lambda msg: None) if quiet else (lambda msg: console.log(escape(msg))))
     except (SweepError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(code=2) from None
+        fail(e)
     if not quiet:
         print_summary(console, result)
 

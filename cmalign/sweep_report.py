@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 
 from cmalign.atomic import atomic_write
+from cmalign.evaluation.figures import pyplot
+from cmalign.evaluation.report import markdown_table
 from cmalign.frontier import GAP_MEASURES, TASK_METRICS, pareto_front, r_squared
 
 R2_GAPS = ("raw", "centroid", "mmd2", "bures", "coral", "rmg")
@@ -41,10 +43,6 @@ TABLE_HEADER = ["run", "alpha_target", "gap reduction", "zero-shot change", "ARI
                 "R@1 i→t / t→i", "stability"]
 
 
-def _md_table(header, rows) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def write_sweep_report(out: Path, summary: dict) -> None:
     figures = write_sweep_figures(out, summary)
     s = summary["settings"]
@@ -59,7 +57,7 @@ def write_sweep_report(out: Path, summary: dict) -> None:
              f"- written {summary['created']} by cmalign {summary['cmalign_version']}; this invocation "
              f"{summary['seconds']:.0f} s, the whole sweep's fits and evals {summary['compute_seconds'] / 60:.1f} min",
              "", "## Runs", ""]
-    lines += _md_table(TABLE_HEADER, table_rows(summary))
+    lines += markdown_table(TABLE_HEADER, table_rows(summary))
     lines += ["", "gap reduction = 1 − raw gap / reference's; zero-shot change = relative change of top-1; "
               "stability = loss spikes (> 1.5× the median of the previous 20 steps) and non-finite losses.", ""]
     rec = summary["recommendation"]
@@ -77,7 +75,7 @@ def write_sweep_report(out: Path, summary: dict) -> None:
     metrics = [k for k, _ in TASK_METRICS]
     header = ["gap measure"] + [label for _, label in TASK_METRICS]
     rows = [[g] + [_num(summary["r2"][g][k]["r2"]) for k in metrics] for g in GAP_MEASURES]
-    lines += _md_table(header, rows)
+    lines += markdown_table(header, rows)
     n = max((summary["r2"]["raw"][k]["n"] for k in metrics), default=0)
     lines += ["", f"({n} points per cell at most; with few points R² is fragile — read it as a direction.)", ""]
     if figures:
@@ -86,20 +84,11 @@ def write_sweep_report(out: Path, summary: dict) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def write_sweep_figures(out: Path, summary: dict) -> list[str]:
     rows = [r for r in summary["rows"] if "metrics" in r]
     if len(rows) < 2:
         return []
-    plt = _plt()
+    plt = pyplot()
     written = []
     zs = [r["metrics"].get("zeroshot.top1") for r in rows]
 

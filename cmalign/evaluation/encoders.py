@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cmalign.data.records import Record, load_image
+from cmalign.manifests import read_json_object
 
 
 class SourceError(ValueError):
@@ -25,10 +26,7 @@ def source_kind(path: str | Path) -> str:
         raise SourceError(f"{p}: no such directory")
     manifest = p / "manifest.json"
     if manifest.is_file():
-        try:
-            kind = json.loads(manifest.read_text()).get("kind")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise SourceError(f"{manifest}: not a JSON object ({e})") from e
+        kind = read_json_object(manifest, SourceError).get("kind")
         if kind == "cmalign-run":
             if not (p / "model" / "open_clip_config.json").is_file():
                 raise SourceError(f"{p}: a run without a final model (RUN/model); did the fit finish?")

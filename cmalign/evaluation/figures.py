@@ -9,7 +9,8 @@ import numpy as np
 MODALITY_COLOURS = {"image": "#1f77b4", "text": "#d62728"}
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only: no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,7 +28,7 @@ def _tsne(points: np.ndarray, seed: int) -> np.ndarray:
 
 def embedding_map(path: Path, embedded: dict, data, cfg) -> None:
     """t-SNE of images and their first captions, one row per system: coloured by modality, then by class."""
-    plt = _plt()
+    plt = pyplot()
     names = [n for n in ("baseline", "model") if n in embedded]
     rng = np.random.default_rng(cfg.seed)
     n_img = len(data.eval.images)
@@ -66,7 +67,7 @@ def embedding_map(path: Path, embedded: dict, data, cfg) -> None:
 
 def gap_bars(path: Path, systems: dict) -> None:
     """One small panel per gap measure, a bar per system."""
-    plt = _plt()
+    plt = pyplot()
     measures = ("raw", "centroid", "paired_residual", "mmd2", "bures", "rmg")
     names = [n for n in systems if "gap" in systems[n]]
     fig, axes = plt.subplots(1, len(measures), figsize=(2.6 * len(measures), 3.4))
@@ -91,7 +92,7 @@ TASK_AXES = (("retrieval", "i2t_R@1", "retrieval i→t R@1"), ("zeroshot", "top1
 
 def tasks_vs_gap(path: Path, systems: dict, k: int) -> None:
     """Each task metric against the raw and the distribution gap, one point per system."""
-    plt = _plt()
+    plt = pyplot()
     axes_spec = [(t, key.format(k=k), label) for t, key, label in TASK_AXES
                  if any(t in s and key.format(k=k) in s[t] for s in systems.values())]
     names = [n for n in systems if "gap" in systems[n]]

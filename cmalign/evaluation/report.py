@@ -66,7 +66,7 @@ def _system_title(name: str, metrics: dict) -> str:
     return name
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return out
@@ -104,7 +104,7 @@ def write_report(path: Path, metrics: dict) -> None:
         lines.append("")
 
     lines += ["## Summary", ""]
-    lines += _table(["figure"] + names, [[label] + cells for label, cells in summary_rows(metrics)])
+    lines += markdown_table(["figure"] + names, [[label] + cells for label, cells in summary_rows(metrics)])
     lines.append("")
     if comp:
         lines += [f"Changes against **{ref}**:", ""]
@@ -117,7 +117,7 @@ def write_report(path: Path, metrics: dict) -> None:
             rows.append([name] + [f"{100 * red[m]:+.1f} %" if m in red else "—" for m in ("raw", "centroid", "mmd2")]
                         + [_fmt(delta.get(k)) if k in delta else "—" for k in
                            ("retrieval.i2t_R@1", "zeroshot.top1", "clustering.kmeans_ari", "caption.cider_d")])
-        lines += _table(header, rows)
+        lines += markdown_table(header, rows)
         lines += ["", "(gap reduction = 1 − gap(system) / gap(reference); positive = smaller gap)", ""]
 
     for task, title in TASK_TITLES.items():
@@ -129,7 +129,7 @@ def write_report(path: Path, metrics: dict) -> None:
         if not keys:
             continue
         lines += [f"## {title}", ""]
-        lines += _table(["figure"] + names,
+        lines += markdown_table(["figure"] + names,
                         [[key] + [_fmt(s.get(task, {}).get(key)) if task in s else "—" for s in systems.values()]
                          for key in keys])
         lines.append("")

@@ -6,7 +6,6 @@ the post-hoc fixes applied to the model's embeddings. Every system sees the same
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from cmalign.evaluation.config import EvalConfig
 from cmalign.evaluation.datasets import load_eval_data
 from cmalign.evaluation.embedded import embed_all
 from cmalign.evaluation.tasks import DEFINITIONS, NEEDS_LABELS, TASK_FUNCTIONS
+from cmalign.manifests import read_manifest_file
 from cmalign.posthoc import fit_posthoc
 
 KIND = "cmalign-eval"
@@ -224,8 +224,4 @@ def versions() -> dict:
 def read_metrics(path: str | Path) -> dict:
     """A report directory's (or file's) metrics.json."""
     p = Path(path)
-    p = p / "metrics.json" if p.is_dir() else p
-    m = json.loads(p.read_text())
-    if m.get("kind") != KIND:
-        raise ValueError(f"{p}: not a cmalign eval metrics file")
-    return m
+    return read_manifest_file(p / "metrics.json" if p.is_dir() else p, KIND, ValueError)
