@@ -1,6 +1,6 @@
 """α_target = 0 vs α_target = 0.5 (or any list) from the same base, equal steps: what alignment buys.
 
-Runs `cmalign.fit.fit` once per α with the default config (embedded base model and data), then
+Runs `cmalign.train.loop.fit` once per α with the default config (embedded base model and data), then
 prints and writes the validation figures side by side, with the raw-gap reduction of each run
 against the α = 0 run (the acceptance bar: ≥ 50 %; the paper reports 82.3 % for α = 0.5).
 
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from cmalign import gap
-from cmalign.config import load_config
-from cmalign.fit import fit
+from cmalign.metrics import gap
+from cmalign.train.config import load_config
+from cmalign.train.loop import fit
 
 KEYS = ("raw", "centroid", "paired_residual", "mmd2", "bures", "coral", "rmg", "r1_i2t", "r1_t2i", "zeroshot_top1")
 

@@ -15,10 +15,10 @@ import platform
 import shutil
 from pathlib import Path
 
-from cmalign.config import load_config
 from cmalign.evaluation import EvalConfig, evaluate
 from cmalign.evaluation.report import summary_rows
-from cmalign.fit import fit
+from cmalign.train.config import load_config
+from cmalign.train.loop import fit
 
 
 def ensure_run(run: Path, alpha: float, steps: int | None, reuse: bool) -> Path:

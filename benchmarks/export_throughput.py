@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from cmalign.base_model import ensure_base_model
+from cmalign.corpus.embed import EmbedConfig, embed_dataset
 from cmalign.data.synth import make_scene, synth_split
-from cmalign.embed import EmbedConfig, embed_dataset
 from cmalign.export import load_export
 from cmalign.export.manifest import graph_file
 from cmalign.export.onnx_export import ExportConfig, ImageEncoder, TextEncoder, export_model
 from cmalign.export.runtime import make_session
-from cmalign.models import load_model
+from cmalign.model.base import ensure_base_model
+from cmalign.model.loading import load_model
 
 RESULTS = Path(__file__).parent / "results" / "export_throughput.json"
 # onnxruntime's threads spin after each run by default; interleaved with torch that steals torch's cores

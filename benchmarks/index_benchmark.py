@@ -27,9 +27,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cmalign.index import ArrayVectors, fill_and_tune  # noqa: E402
-from cmalign.index_choice import HNSW_EF_CONSTRUCTION, choose_index, estimate_bytes, nlist_for, parse_memory, pq_m  # noqa: E402  # noqa: E402
-from cmalign.index_tuning import RecallProbe, exact_knn, get_search_params, tie_tolerant_recall  # noqa: E402
+from cmalign.index.choice import HNSW_EF_CONSTRUCTION, choose_index, estimate_bytes, nlist_for, parse_memory, pq_m  # noqa: E402  # noqa: E402
+from cmalign.index.joint import ArrayVectors, fill_and_tune  # noqa: E402
+from cmalign.index.tuning import RecallProbe, exact_knn, get_search_params, tie_tolerant_recall  # noqa: E402
 
 
 def clustered(n: int, d: int, rng: np.random.Generator, clusters: int = 2000, rank: int = 48) -> np.ndarray:

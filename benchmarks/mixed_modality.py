@@ -2,7 +2,7 @@
 
 For each α: `cmalign fit` (the default recipe, or reuse an existing run), `cmalign export` (fp32), `cmalign embed`
 of the generated validation split (1000 images, 5000 captions), `cmalign index` (auto), then
-:func:`cmalign.mixed.mixed_modality_report` through that index: for text queries, the share of images in the
+:func:`cmalign.metrics.mixed.mixed_modality_report` through that index: for text queries, the share of images in the
 top 10 and the rank of the paired image; for image queries, the share of texts and the rank of the best caption.
 
     .venv/bin/python benchmarks/mixed_modality.py [--alphas 0,0.5] [--runs runs/bench-alpha] [--reuse]
@@ -20,13 +20,13 @@ import shutil
 import time
 from pathlib import Path
 
-from cmalign.config import load_config
-from cmalign.embed import EmbedConfig, embed_dataset
-from cmalign.embeddings import load_embeddings
+from cmalign.corpus.embed import EmbedConfig, embed_dataset
+from cmalign.corpus.store import load_embeddings
 from cmalign.export.onnx_export import ExportConfig, export_model
-from cmalign.fit import fit
-from cmalign.index import IndexConfig, JointIndex, build_index
-from cmalign.mixed import mixed_modality_report
+from cmalign.index.joint import IndexConfig, JointIndex, build_index
+from cmalign.metrics.mixed import mixed_modality_report
+from cmalign.train.config import load_config
+from cmalign.train.loop import fit
 
 
 def run_alpha(alpha: float, runs: Path, work: Path, steps: int | None, reuse: bool) -> dict:

@@ -18,7 +18,7 @@ import platform
 import shutil
 from pathlib import Path
 
-from cmalign.sweep import SweepConfig, sweep
+from cmalign.sweep.run import SweepConfig, sweep
 
 ABLATIONS = {
     "a0.5-centroid-only": {"alpha_target": 0.5, "loss.lambda_distribution": 0.0},

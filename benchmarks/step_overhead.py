@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from cmalign.fit import TPCCMAStep
-from cmalign.grad_scheduler import GradScheduler, GradSchedulerConfig
-from cmalign.losses import CMAConfig, CMALoss
-from cmalign.models import load_model, param_groups
+from cmalign.model.loading import load_model, param_groups
+from cmalign.objective.cma_loss import CMAConfig, CMALoss
+from cmalign.objective.grad_scheduler import GradScheduler, GradSchedulerConfig
+from cmalign.train.loop import TPCCMAStep
 
 
 def main():

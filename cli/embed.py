@@ -1,12 +1,10 @@
-"""`cmalign embed` and `cmalign embed-merge`: build an EmbedConfig and call :func:`cmalign.embed.embed_dataset`."""
+"""`cmalign embed` and `cmalign embed-merge`: build an EmbedConfig and call :func:`cmalign.corpus.embed.embed_dataset`."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
-
-from cmalign.cli.errors import fail
 
 HELP = (
     "Embed a data set with an export (torch-free onnxruntime) into clip-retrieval's layout: "
@@ -44,11 +42,7 @@ def embed_command(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from cmalign.data.records import DataSchemaError
-    from cmalign.embed import EmbedConfig, embed_dataset
-    from cmalign.embeddings import EmbeddingsError
-    from cmalign.export.manifest import ExportFormatError
-    from cmalign.export.runtime import ProviderUnavailableError
+    from cmalign.corpus.embed import EmbedConfig, embed_dataset
 
     console = Console()
     cfg = EmbedConfig(export=export, data=data, out=out, shard=shard, provider=provider, variant=variant,
@@ -64,12 +58,8 @@ def embed_command(
             tasks[kind] = progress.add_task(f"embedding {kind}", total=total)
         progress.update(tasks[kind], completed=done)
 
-    try:
-        with progress:
-            result = embed_dataset(cfg, progress=report)
-    except (DataSchemaError, EmbeddingsError, ExportFormatError, ProviderUnavailableError, FileExistsError,
-            FileNotFoundError, ValueError) as e:
-        fail(e)
+    with progress:
+        result = embed_dataset(cfg, progress=report)
     if quiet:
         return
     i, n = result.shard
@@ -95,12 +85,9 @@ def merge_command(
     from rich.console import Console
     from rich.markup import escape
 
-    from cmalign.embeddings import EmbeddingsError, merge_shards
+    from cmalign.corpus.store import merge_shards
 
-    try:
-        manifest = merge_shards(out)
-    except EmbeddingsError as e:
-        fail(e)
+    manifest = merge_shards(out)
     Console().print(f"merged {manifest['num_shards']} shard(s): {manifest['rows']['images']} images, "
                     f"{manifest['rows']['texts']} texts, {manifest['skipped']} skipped → {escape(out)}/manifest.json",
                     soft_wrap=True, highlight=False)

@@ -1,8 +1,19 @@
-"""How every command reports a user error: one red line on stderr and exit status 2, no traceback."""
+"""How every command reports errors: a user's mistake as one red ``error:`` line (exit 2), a bug with its traceback.
+
+The line between the two is :class:`cmalign.errors.CmalignError`: the library raises it (or a subclass) for
+anything the user can fix; every other exception is a defect and must not be disguised as a user error.
+``cmalign --debug COMMAND`` shows the traceback of user errors too.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import typer
+
+from cmalign.errors import CmalignError
+
+DEBUG = False  # set by the root `--debug` option
 
 
 def fail(e: Exception):
@@ -12,3 +23,18 @@ def fail(e: Exception):
     # escape(): paths and messages are text, not markup ("[raw]" would vanish, "[/raw]" would raise)
     Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
     raise typer.Exit(code=2) from None
+
+
+def reports_errors(command):
+    """Wrap a command so a CmalignError prints as ``error: …``; anything else propagates with its traceback."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CmalignError as e:
+            if DEBUG:
+                raise
+            fail(e)
+
+    return run

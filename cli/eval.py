@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from cmalign.captioning.decoder import DecoderConfig
-from cmalign.cli.errors import fail
+from cmalign.errors import ConfigError
+from cmalign.evaluation.captioning.config import DecoderConfig
 from cmalign.evaluation.config import TASKS, EvalConfig, ReaderOptions
 
 HELP = (
@@ -85,34 +85,29 @@ def eval_command(
     from rich.console import Console
     from rich.markup import escape
 
-    from cmalign.data.records import DataSchemaError
     from cmalign.evaluation import evaluate
-    from cmalign.evaluation.encoders import SourceError
-    from cmalign.posthoc import parse_posthoc
+    from cmalign.evaluation.posthoc import parse_posthoc
 
     console = Console(stderr=quiet)
-    try:
-        template_list = None
-        if templates is not None:
-            template_list = tuple(t.strip() for t in templates.read_text().splitlines() if t.strip())
-            bad = [t for t in template_list if "{}" not in t]
-            if bad or not template_list:
-                raise ValueError(f"{templates}: every line must hold {{}} for the class name (first bad: "
-                                 f"{bad[0] if bad else 'the file is empty'!r})")
-        cfg = EvalConfig(
-            source=source, model=model, pretrained=pretrained, baseline=baseline, data=data, fit_data=fit_data,
-            reader=ReaderOptions(format=data_format, image_root=image_root, csv_separator=csv_separator,
-                                 image_column=image_column, caption_column=caption_column, label_column=label_column),
-            templates=template_list, tasks=_split(tasks), posthoc=parse_posthoc(posthoc), posthoc_on=posthoc_on,
-            out=out, overwrite=overwrite, max_images=max_images, fit_images=fit_images, k=k,
-            decoder=DecoderConfig(epochs=decoder_epochs, beam=beam, seed=seed, language_model=caption_lm),
-            figures=figures, seed=seed, device=device, provider=provider, variant=variant)
-        with console.status("evaluating", spinner="dots") as status:
-            result = evaluate(cfg, log=(lambda msg: None) if quiet else
-                              (lambda msg: (status.update(escape(msg)), console.log(escape(msg)))),
-                              progress=lambda msg: status.update(escape(msg)))
-    except (SourceError, DataSchemaError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
-        fail(e)
+    template_list = None
+    if templates is not None:
+        template_list = tuple(t.strip() for t in templates.read_text().splitlines() if t.strip())
+        bad = [t for t in template_list if "{}" not in t]
+        if bad or not template_list:
+            raise ConfigError(f"{templates}: every line must hold {{}} for the class name (first bad: "
+                             f"{bad[0] if bad else 'the file is empty'!r})")
+    cfg = EvalConfig(
+        source=source, model=model, pretrained=pretrained, baseline=baseline, data=data, fit_data=fit_data,
+        reader=ReaderOptions(format=data_format, image_root=image_root, csv_separator=csv_separator,
+                             image_column=image_column, caption_column=caption_column, label_column=label_column),
+        templates=template_list, tasks=_split(tasks), posthoc=parse_posthoc(posthoc), posthoc_on=posthoc_on,
+        out=out, overwrite=overwrite, max_images=max_images, fit_images=fit_images, k=k,
+        decoder=DecoderConfig(epochs=decoder_epochs, beam=beam, seed=seed, language_model=caption_lm),
+        figures=figures, seed=seed, device=device, provider=provider, variant=variant)
+    with console.status("evaluating", spinner="dots") as status:
+        result = evaluate(cfg, log=(lambda msg: None) if quiet else
+                          (lambda msg: (status.update(escape(msg)), console.log(escape(msg)))),
+                          progress=lambda msg: status.update(escape(msg)))
     if not quiet:
         print_summary(console, result)
 

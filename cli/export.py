@@ -6,8 +6,6 @@ from typing import Annotated
 
 import typer
 
-from cmalign.cli.errors import fail
-
 HELP = (
     "Export the image and text encoders as ONNX graphs that output L2-normalised embeddings, with the "
     "preprocessing config, the tokenizer and a manifest, for the torch-free runtime "
@@ -45,7 +43,7 @@ def export_command(
     from rich.console import Console
     from rich.markup import escape
 
-    from cmalign.export.onnx_export import ExportConfig, ParityError, export_model
+    from cmalign.export.onnx_export import ExportConfig, export_model
 
     console = Console(stderr=quiet)
     if out is None:
@@ -55,12 +53,9 @@ def export_command(
                        int8_per_channel=not int8_per_tensor,
                        int8_reduce_range=not int8_full_range, opset=opset, exporter=exporter,
                        retrieval_images=retrieval_images, overwrite=overwrite)
-    try:
-        with console.status("exporting", spinner="dots") as status:
-            result = export_model(cfg, log=(lambda msg: None) if quiet else
-                                  (lambda msg: (status.update(escape(msg)), console.log(escape(msg)))))
-    except (ParityError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
-        fail(e)
+    with console.status("exporting", spinner="dots") as status:
+        result = export_model(cfg, log=(lambda msg: None) if quiet else
+                              (lambda msg: (status.update(escape(msg)), console.log(escape(msg)))))
     if not quiet:
         print_summary(console, result)
 

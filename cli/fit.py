@@ -1,4 +1,4 @@
-"""`cmalign fit`: builds a FitConfig from a TOML file and flags, then calls :func:`cmalign.fit.fit`."""
+"""`cmalign fit`: builds a FitConfig from a TOML file and flags, then calls :func:`cmalign.train.loop.fit`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cmalign.config import FitConfig, load_config, parse_set
+from cmalign.train.config import FitConfig, load_config, parse_set
 
 HELP = (
     "Fine-tune an open_clip model with TPC-CMA: contrastive loss + centroid/distribution alignment, "
@@ -131,8 +131,7 @@ def fit_command(
 ):
     from rich.console import Console
 
-    from cmalign.data.records import BadSampleError, DataSchemaError
-    from cmalign.fit import RunDirectoryError, TrainingDiverged, fit
+    from cmalign.train.loop import fit
 
     console = Console(stderr=True)
     flags = {
@@ -162,15 +161,8 @@ def fit_command(
         if not saved.is_file():
             raise typer.BadParameter(f"no run to resume: {saved} does not exist", param_hint="--out")
         config = config or saved
-    try:
-        cfg = load_config(config, flags)
-        result = fit(cfg, resume=resume, console=console, show_progress=not quiet)
-    except (DataSchemaError, BadSampleError, RunDirectoryError, TrainingDiverged, FileNotFoundError,
-            ValueError, KeyError, RuntimeError) as e:
-        from rich.markup import escape
-
-        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(code=2) from None
+    cfg = load_config(config, flags)
+    result = fit(cfg, resume=resume, console=console, show_progress=not quiet)
     if not quiet:
         print_summary(console, result)
 

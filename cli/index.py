@@ -1,12 +1,10 @@
-"""`cmalign index` and `cmalign index-add`: build an IndexConfig and call :func:`cmalign.index.build_index`."""
+"""`cmalign index` and `cmalign index-add`: build an IndexConfig and call :func:`cmalign.index.joint.build_index`."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
-
-from cmalign.cli.errors import fail
 
 HELP = (
     "Build one FAISS index over the image AND text embeddings of a `cmalign embed` directory (inner product on "
@@ -22,8 +20,8 @@ ADD_HELP = ("Add a merged embeddings directory (new data embedded with the same 
 
 
 def _errors():
-    from cmalign.embeddings import EmbeddingsError
-    from cmalign.index import ExportMismatchError, GpuUnavailableError, IndexBuildError, IndexFormatError
+    from cmalign.corpus.store import EmbeddingsError
+    from cmalign.index.joint import ExportMismatchError, GpuUnavailableError, IndexBuildError, IndexFormatError
 
     return (EmbeddingsError, IndexBuildError, IndexFormatError, ExportMismatchError, GpuUnavailableError,
             FileExistsError, FileNotFoundError, ValueError)
@@ -88,17 +86,14 @@ def index_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
 ):
-    from cmalign.index import IndexConfig, build_index
+    from cmalign.index.joint import IndexConfig, build_index
 
     cfg = IndexConfig(embeddings=embeddings, out=out, factory=factory, max_memory=max_memory,
                       recall_target=recall_target, k=k, tune_queries=tune_queries, on_disk=on_disk, gpu=gpu,
                       threads=threads, seed=seed, overwrite=overwrite)
     progress, report = _progress(quiet)
-    try:
-        with progress:
-            result = build_index(cfg, progress=report)
-    except _errors() as e:
-        fail(e)
+    with progress:
+        result = build_index(cfg, progress=report)
     if not quiet:
         print_summary(result.manifest, str(result.out), result.seconds)
 
@@ -109,13 +104,10 @@ def add_command(
     no_retune: Annotated[bool, typer.Option("--no-retune", help="Keep the search knobs as they are.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
 ):
-    from cmalign.index import add_to_index
+    from cmalign.index.joint import add_to_index
 
     progress, report = _progress(quiet)
-    try:
-        with progress:
-            result = add_to_index(index, embeddings, retune=not no_retune, progress=report)
-    except _errors() as e:
-        fail(e)
+    with progress:
+        result = add_to_index(index, embeddings, retune=not no_retune, progress=report)
     if not quiet:
         print_summary(result.manifest, str(result.out), result.seconds)

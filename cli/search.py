@@ -1,4 +1,4 @@
-"""`cmalign search`: build a SearchConfig and call :func:`cmalign.search.search`."""
+"""`cmalign search`: build a SearchConfig and call :func:`cmalign.index.searcher.search`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import json
 from typing import Annotated
 
 import typer
-
-from cmalign.cli.errors import fail
 
 HELP = (
     "Search a joint index with text (--text) or image (--image) queries, encoded by the export that built the "
@@ -32,19 +30,11 @@ def search_command(
     from rich.markup import escape
     from rich.table import Table
 
-    from cmalign.embeddings import EmbeddingsError
-    from cmalign.export.manifest import ExportFormatError
-    from cmalign.export.runtime import ProviderUnavailableError
-    from cmalign.index import ExportMismatchError, GpuUnavailableError, IndexFormatError
-    from cmalign.search import SearchConfig, search
+    from cmalign.index.searcher import SearchConfig, search
 
     cfg = SearchConfig(index=index, text=text, image=image, k=k, modality=modality, export=export,
                        provider=provider, gpu=gpu)
-    try:
-        results = search(cfg)
-    except (ExportMismatchError, IndexFormatError, ExportFormatError, EmbeddingsError, ProviderUnavailableError,
-            GpuUnavailableError, FileNotFoundError, ValueError) as e:
-        fail(e)
+    results = search(cfg)
     if as_json:
         typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
         return

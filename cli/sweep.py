@@ -1,4 +1,4 @@
-"""`cmalign sweep`: builds a SweepConfig and calls :func:`cmalign.sweep.sweep`."""
+"""`cmalign sweep`: builds a SweepConfig and calls :func:`cmalign.sweep.run.sweep`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cmalign.cli.errors import fail
-from cmalign.sweep import SweepConfig
+from cmalign.sweep.config import SweepConfig
 
 HELP = (
     "Pick alpha_target on a measured frontier: one `cmalign fit` per alpha from the same base and seed, each "
@@ -65,20 +64,17 @@ def sweep_command(
     from rich.console import Console
     from rich.markup import escape
 
-    from cmalign.config import parse_set
-    from cmalign.sweep import SweepError, sweep
+    from cmalign.sweep.run import SweepError, sweep
+    from cmalign.train.config import parse_set
 
     console = Console(stderr=quiet)
-    try:
-        cfg = SweepConfig(alphas=_alphas(alphas), out=out, data=data, val=val, model=model, pretrained=pretrained,
-                          steps=steps, fit_overrides=parse_set(set_ or []), max_zeroshot_drop=max_zeroshot_drop,
-                          select=select, jobs=jobs, baselines=baselines, max_images=max_images,
-                          fit_images=fit_images, decoder_epochs=decoder_epochs, seed=seed, overwrite=overwrite)
-        if select not in ("gap", "ari", "cider"):
-            raise SweepError(f"--select must be gap, ari or cider, got {select!r}")
-        result = sweep(cfg, log=(lambda msg: None) if quiet else (lambda msg: console.log(escape(msg))))
-    except (SweepError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
-        fail(e)
+    cfg = SweepConfig(alphas=_alphas(alphas), out=out, data=data, val=val, model=model, pretrained=pretrained,
+                      steps=steps, fit_overrides=parse_set(set_ or []), max_zeroshot_drop=max_zeroshot_drop,
+                      select=select, jobs=jobs, baselines=baselines, max_images=max_images,
+                      fit_images=fit_images, decoder_epochs=decoder_epochs, seed=seed, overwrite=overwrite)
+    if select not in ("gap", "ari", "cider"):
+        raise SweepError(f"--select must be gap, ari or cider, got {select!r}")
+    result = sweep(cfg, log=(lambda msg: None) if quiet else (lambda msg: console.log(escape(msg))))
     if not quiet:
         print_summary(console, result)
 
@@ -87,7 +83,7 @@ def print_summary(console, result) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from cmalign.sweep_report import TABLE_HEADER, table_rows
+    from cmalign.sweep.report import TABLE_HEADER, table_rows
 
     s = result.summary
     table = Table(title=f"{escape(str(result.out))}  (reference: {s['reference']}, {result.seconds:.0f} s)")

@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 
-from cmalign.clustering import joint_clustering
 from cmalign.evaluation import EvalConfig, evaluate
-from cmalign.posthoc import fit_posthoc
-from cmalign.retrieval import retrieval_metrics
+from cmalign.evaluation.posthoc import fit_posthoc
+from cmalign.metrics.clustering import joint_clustering
+from cmalign.metrics.retrieval import retrieval_metrics
 
 run = sys.argv[1] if len(sys.argv) > 1 else "runs/example-a0.5"
 result = evaluate(EvalConfig(source=run, posthoc=("centring", "procrustes"), out="reports/example", overwrite=True),

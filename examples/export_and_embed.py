@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cmalign.embed import EmbedConfig, embed_dataset
-from cmalign.embeddings import load_embeddings
+from cmalign.corpus.embed import EmbedConfig, embed_dataset
+from cmalign.corpus.store import load_embeddings
 from cmalign.export import ExportConfig, export_model, load_export
 
 run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cmalign-tiny-a0.5")

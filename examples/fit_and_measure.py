@@ -3,8 +3,8 @@
     .venv/bin/python examples/fit_and_measure.py
 """
 
-from cmalign.config import load_config
-from cmalign.fit import fit
+from cmalign.train.config import load_config
+from cmalign.train.loop import fit
 
 cfg = load_config(overrides={"alpha_target": 0.5, "train.steps": 200, "train.out": "runs/example-a0.5"})
 result = fit(cfg)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from cmalign import manifests
+from cmalign.artifacts import manifests
+from cmalign.errors import CmalignError
 
 KIND = "cmalign-export"
 FORMAT_VERSION = 1
@@ -27,7 +28,7 @@ INT8_MAX_R1_DROP = 0.01
 INT8_R1_MIN_IMAGES = 500  # below this the R@1 difference is mostly sampling noise, so it is recorded, not enforced
 
 
-class ExportFormatError(ValueError):
+class ExportFormatError(CmalignError, ValueError):
     """An export directory is missing, incomplete or of another kind."""
 
 

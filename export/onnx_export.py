@@ -23,7 +23,8 @@ import onnx
 import torch
 
 import cmalign
-from cmalign.atomic import atomic_dir, write_json
+from cmalign.artifacts.atomic import atomic_dir, write_json
+from cmalign.errors import CmalignError, ConfigError, MissingInputError, OutputExistsError
 from cmalign.export import manifest as mf
 from cmalign.export.preprocess import ImagePreprocessor, save_preprocess
 from cmalign.export.runtime import default_optimization, make_session
@@ -33,7 +34,7 @@ PARITY_BATCHES = (1, 3, 32)
 EXPORTERS = ("dynamo", "legacy")
 
 
-class ParityError(RuntimeError):
+class ParityError(CmalignError, RuntimeError):
     """An exported graph does not reproduce torch eager closely enough; nothing was written."""
 
 
@@ -104,7 +105,7 @@ def export_graph(module: torch.nn.Module, example: torch.Tensor, path: Path, inp
                  opset: int, exporter: str) -> str:
     """Export with a dynamic batch axis; returns the exporter's console output (kept for the log)."""
     if exporter not in EXPORTERS:
-        raise ValueError(f"unknown exporter '{exporter}': expected one of {', '.join(EXPORTERS)}")
+        raise ConfigError(f"unknown exporter '{exporter}': expected one of {', '.join(EXPORTERS)}")
     if example.shape[0] < 2:
         # The dynamo exporter silently specialises the batch axis to 1 for a batch-1 example.
         example = torch.cat([example, example])
@@ -252,7 +253,7 @@ def retrieval_r1(export_dir: Path, variant: str, n_images: int) -> dict:
     """i→t / t→i R@1 of one variant's graphs on the generated validation split (5 captions per image),
     scored exactly as `fit`'s guard scores the torch model."""
     from cmalign.data.synth import synth_split
-    from cmalign.guard import GuardSet, recall_at_1
+    from cmalign.train.guard import GuardSet, recall_at_1
 
     guard = GuardSet.from_records(synth_split("val", n_images=n_images).records, (), max_images=n_images)
     pre = ImagePreprocessor.from_file(export_dir / mf.PREPROCESS)
@@ -274,13 +275,13 @@ def retrieval_r1(export_dir: Path, variant: str, n_images: int) -> dict:
 def resolve_source(cfg: ExportConfig) -> tuple[str, str | None, dict]:
     """(open_clip model name, pretrained, provenance for the manifest) from a run, a model dir or a name."""
     if bool(cfg.source) == bool(cfg.model):
-        raise ValueError("give either a source directory (a `cmalign fit` run or an open_clip local-dir model) "
+        raise ConfigError("give either a source directory (a `cmalign fit` run or an open_clip local-dir model) "
                          "or --model NAME [--pretrained TAG|PATH], not both or neither")
     if cfg.model:
         return cfg.model, cfg.pretrained, {"kind": "open_clip", "model": cfg.model, "pretrained": cfg.pretrained,
                                            "alpha_target": None}
     if cfg.pretrained:
-        raise ValueError("--pretrained goes with --model; a run or model directory carries its own weights")
+        raise ConfigError("--pretrained goes with --model; a run or model directory carries its own weights")
     src = Path(cfg.source)
     if (src / "model" / "open_clip_config.json").is_file():
         run_manifest = _read_json(src / "manifest.json")
@@ -296,8 +297,8 @@ def resolve_source(cfg: ExportConfig) -> tuple[str, str | None, dict]:
                                           "alpha_target": extra.get("alpha_target"),
                                           "config_hash": extra.get("config_hash")}
     if not src.exists():
-        raise FileNotFoundError(f"source not found: {src}")
-    raise FileNotFoundError(f"{src}: neither a `cmalign fit` run directory (RUN/model/open_clip_config.json) "
+        raise MissingInputError(f"source not found: {src}")
+    raise MissingInputError(f"{src}: neither a `cmalign fit` run directory (RUN/model/open_clip_config.json) "
                             "nor an open_clip local-dir model (open_clip_config.json)")
 
 
@@ -314,18 +315,18 @@ def _gap_figures(report: dict) -> dict:
 
 def export_model(cfg: ExportConfig, log: Callable[[str], None] = lambda msg: None) -> ExportResult:
     """Export, check and validate; rename into ``cfg.out`` only when every graph passed."""
-    from cmalign.models import load_model
+    from cmalign.model.loading import load_model
 
     t0 = time.time()
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
     model_name, pretrained, provenance = resolve_source(cfg)
     log(f"loading {model_name}" + (f" ({pretrained})" if pretrained else ""))
     loaded = load_model(model_name, pretrained)
     model = loaded.model.eval()
     if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
-        raise ValueError(f"{model_name}: not a CLIP-style model with encode_image/encode_text")
+        raise ConfigError(f"{model_name}: not a CLIP-style model with encode_image/encode_text")
 
     with atomic_dir(out) as tmp:
         manifest = _build(cfg, model, loaded, model_name, pretrained, provenance, tmp, log)

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from cmalign.atomic import write_json
+from cmalign.artifacts.atomic import write_json
+from cmalign.errors import ConfigError
 from cmalign.export.manifest import read_json_object
 
 PREPROCESS_JSON = "preprocess.json"
@@ -61,7 +62,7 @@ def _channel_stats(name: str, value) -> list[float]:
     if _is_number(value):
         value = [value] * 3
     if not isinstance(value, (list, tuple)) or len(value) not in (1, 3) or not all(_is_number(v) for v in value):
-        raise ValueError(f"preprocess config '{name}': expected a number or a list of 1 or 3 numbers, got {value!r}")
+        raise ConfigError(f"preprocess config '{name}': expected a number or a list of 1 or 3 numbers, got {value!r}")
     value = [float(v) for v in value]
     return value * 3 if len(value) == 1 else value
 
@@ -94,7 +95,7 @@ def _pad(img: Image.Image, padding_ltrb: tuple[int, int, int, int], fill) -> Ima
         if len(fill) == 1:
             fill = tuple(fill) * bands
         elif len(fill) != bands:
-            raise ValueError(f"fill_color has {len(fill)} values but the image (mode {img.mode}) has {bands} bands")
+            raise ConfigError(f"fill_color has {len(fill)} values but the image (mode {img.mode}) has {bands} bands")
         fill = tuple(fill)
     if img.mode != "F":
         fill = tuple(int(x) for x in fill) if isinstance(fill, tuple) else int(fill)
@@ -127,31 +128,31 @@ class ImagePreprocessor:
                  interpolation: str = "bicubic", resize_mode: str = "shortest", fill_color=0):
         if _is_int(size):
             if size < 1:
-                raise ValueError(f"preprocess config 'size': must be positive, got {size!r}")
+                raise ConfigError(f"preprocess config 'size': must be positive, got {size!r}")
             self.size: int | list[int] = int(size)
             self.height = self.width = int(size)
         elif isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size):
             self.size = [int(s) for s in size]
             self.height, self.width = self.size
         else:
-            raise ValueError(f"preprocess config 'size': expected a positive int or [height, width], got {size!r}")
+            raise ConfigError(f"preprocess config 'size': expected a positive int or [height, width], got {size!r}")
         if mode != "RGB":
-            raise ValueError(f"preprocess config 'mode': only 'RGB' is supported (as in open_clip), got {mode!r}")
+            raise ConfigError(f"preprocess config 'mode': only 'RGB' is supported (as in open_clip), got {mode!r}")
         self.mode = mode
         self.mean = _channel_stats("mean", mean)
         self.std = _channel_stats("std", std)
         if any(s == 0 for s in self.std):
-            raise ValueError(f"preprocess config 'std': must not contain 0, got {std!r}")
+            raise ConfigError(f"preprocess config 'std': must not contain 0, got {std!r}")
         if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"preprocess config 'interpolation': expected one of {INTERPOLATIONS}, "
+            raise ConfigError(f"preprocess config 'interpolation': expected one of {INTERPOLATIONS}, "
                              f"got {interpolation!r}")
         self.interpolation = interpolation
         if resize_mode not in RESIZE_MODES:
-            raise ValueError(f"preprocess config 'resize_mode': expected one of {RESIZE_MODES}, got {resize_mode!r}")
+            raise ConfigError(f"preprocess config 'resize_mode': expected one of {RESIZE_MODES}, got {resize_mode!r}")
         self.resize_mode = resize_mode
         if not (_is_number(fill_color) or (isinstance(fill_color, (list, tuple))
                                            and all(_is_number(v) for v in fill_color))):
-            raise ValueError(f"preprocess config 'fill_color': expected a number or a list of numbers, "
+            raise ConfigError(f"preprocess config 'fill_color': expected a number or a list of numbers, "
                              f"got {fill_color!r}")
         self.fill_color = [_py_number(v) for v in fill_color] if isinstance(fill_color, (list, tuple)) \
             else _py_number(fill_color)
@@ -177,11 +178,11 @@ class ImagePreprocessor:
         cfg = read_json_object(p)
         for k in CONFIG_KEYS:
             if k not in cfg:
-                raise ValueError(f"{p}: field '{k}' is missing")
+                raise ConfigError(f"{p}: field '{k}' is missing")
         try:
             return cls(**{k: cfg[k] for k in CONFIG_KEYS})
         except ValueError as e:
-            raise ValueError(f"{p}: {e}") from e
+            raise ConfigError(f"{p}: {e}") from e
 
     def to_config(self) -> dict:
         return {
@@ -253,7 +254,7 @@ def _as_pil(image) -> Image.Image:
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
         if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
-            raise ValueError(f"numpy image array must have shape (H, W), (H, W, 3) or (H, W, 4), got {image.shape}")
+            raise ConfigError(f"numpy image array must have shape (H, W), (H, W, 3) or (H, W, 4), got {image.shape}")
         return Image.fromarray(np.ascontiguousarray(image))
     raise TypeError(f"cannot preprocess an object of type {type(image).__module__}.{type(image).__qualname__}; "
                     f"expected {_ACCEPTED}")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cmalign.errors import CmalignError, ConfigError, MissingDependencyError
 from cmalign.export.manifest import (
     PREPROCESS,
     TOKENIZER_DIR,
@@ -32,7 +33,7 @@ from cmalign.export.tokenizer import ClipTokenizer
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-class ProviderUnavailableError(RuntimeError):
+class ProviderUnavailableError(CmalignError, RuntimeError):
     """The asked-for execution provider is not in this onnxruntime build."""
 
 
@@ -40,7 +41,7 @@ def _import_ort():
     try:
         import onnxruntime as ort
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError(
+        raise MissingDependencyError(
             "onnxruntime is not installed: pip install 'cmalign[cpu]' (CPU) or 'cmalign[gpu]' (CUDA)"
         ) from e
     return ort
@@ -53,7 +54,7 @@ def session_providers(provider: str) -> list:
     if provider == "auto":
         provider = "cuda" if PROVIDERS["cuda"] in available else "cpu"
     if provider not in PROVIDERS:
-        raise ValueError(f"unknown provider '{provider}': expected one of cpu, cuda, auto")
+        raise ConfigError(f"unknown provider '{provider}': expected one of cpu, cuda, auto")
     if PROVIDERS[provider] not in available:
         raise ProviderUnavailableError(
             f"execution provider '{provider}' ({PROVIDERS[provider]}) is not available in this onnxruntime "
@@ -78,7 +79,7 @@ def make_session(path: str | Path, provider: str = "cpu", threads: int | None = 
     ort = _import_ort()
     providers = session_providers(provider)
     if optimization not in ("all", "extended", "basic", "none"):
-        raise ValueError(f"unknown optimization level '{optimization}': expected all, extended, basic or none")
+        raise ConfigError(f"unknown optimization level '{optimization}': expected all, extended, basic or none")
     so = ort.SessionOptions()
     so.graph_optimization_level = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -141,7 +142,7 @@ class ExportedModel:
         """Run the text graph on int64 token ids (n, context_length)."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
-            raise ValueError(f"token ids must have shape (n, {self.context_length}), got {tokens.shape}")
+            raise ConfigError(f"token ids must have shape (n, {self.context_length}), got {tokens.shape}")
         return self._run("text", tokens)
 
     def _run(self, tower: str, x: np.ndarray) -> np.ndarray:

@@ -25,7 +25,8 @@ import ftfy
 import numpy as np
 import regex
 
-from cmalign.atomic import atomic_write, write_json
+from cmalign.artifacts.atomic import atomic_write, write_json
+from cmalign.errors import CmalignError, ConfigError
 from cmalign.export.manifest import read_json_object
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -39,7 +40,7 @@ _N_MERGE_LINES = 49152 - 256 - 2
 _BPE_CACHE_MAX = 1 << 18
 
 
-class UnsupportedTokenizerError(ValueError):
+class UnsupportedTokenizerError(CmalignError, ValueError):
     """An open_clip tokenizer this runtime cannot reproduce (so it is not exported)."""
 
 
@@ -115,7 +116,7 @@ class ClipTokenizer:
         additional_special_tokens: Sequence[str] | None = None,
     ):
         if clean not in _CLEAN_FNS:
-            raise ValueError(f"clean must be one of {CLEAN_MODES}, got {clean!r}")
+            raise ConfigError(f"clean must be one of {CLEAN_MODES}, got {clean!r}")
         if isinstance(additional_special_tokens, str):
             raise TypeError("additional_special_tokens must be a list of strings, not a string")
         self.vocab_path = Path(vocab_path)
@@ -214,7 +215,7 @@ class ClipTokenizer:
             texts = [texts]
         context_length = context_length or self.context_length
         if not context_length or context_length < 1:
-            raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
+            raise ConfigError(f"context_length must be a positive integer, got {context_length!r}")
         all_tokens = [[self.sot_token_id] + self.encode(text) + [self.eot_token_id] for text in texts]
         result = np.zeros((len(all_tokens), context_length), dtype=np.int64)
         for i, tokens in enumerate(all_tokens):
@@ -246,10 +247,10 @@ class ClipTokenizer:
 
         def field(name: str, check, what: str):
             if name not in cfg:
-                raise ValueError(f"{cfg_path}: field '{name}' is missing")
+                raise ConfigError(f"{cfg_path}: field '{name}' is missing")
             value = cfg[name]
             if not check(value):
-                raise ValueError(f"{cfg_path}, field '{name}': expected {what}, found {value!r}")
+                raise ConfigError(f"{cfg_path}, field '{name}': expected {what}, found {value!r}")
             return value
 
         def is_int(v) -> bool:
@@ -259,7 +260,7 @@ class ClipTokenizer:
         vocab_file = field("vocab_file", lambda v: isinstance(v, str) and v != "", "a file name")
         rel = Path(vocab_file)
         if rel.is_absolute() or ".." in rel.parts:
-            raise ValueError(f"{cfg_path}, field 'vocab_file': must name a file inside {d}, found {vocab_file!r}")
+            raise ConfigError(f"{cfg_path}, field 'vocab_file': must name a file inside {d}, found {vocab_file!r}")
         context_length = field("context_length", lambda v: is_int(v) and v > 0, "a positive integer")
         clean = field("clean", lambda v: v in CLEAN_MODES, f"one of {CLEAN_MODES}")
         extra = field(
@@ -272,20 +273,20 @@ class ClipTokenizer:
         vocab_size = field("vocab_size", is_int, "an integer")
         vocab_path = d / rel
         if not vocab_path.is_file():
-            raise ValueError(f"{cfg_path}, field 'vocab_file': {vocab_path} does not exist")
+            raise ConfigError(f"{cfg_path}, field 'vocab_file': {vocab_path} does not exist")
         if "vocab_sha256" in cfg:  # optional: written by save_tokenizer, checked when present
             want = cfg["vocab_sha256"]
             got = _sha256(vocab_path)
             if got != want:
-                raise ValueError(f"{cfg_path}, field 'vocab_sha256': {vocab_path} hashes to {got}, expected {want!r}")
+                raise ConfigError(f"{cfg_path}, field 'vocab_sha256': {vocab_path} hashes to {got}, expected {want!r}")
         try:
             tok = cls(vocab_path, context_length=context_length, clean=clean, additional_special_tokens=extra)
         except (OSError, EOFError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg_path}, field 'vocab_file': cannot read {vocab_path} ({e})") from e
+            raise ConfigError(f"{cfg_path}, field 'vocab_file': cannot read {vocab_path} ({e})") from e
         for name, want, got in (("sot_token_id", sot, tok.sot_token_id), ("eot_token_id", eot, tok.eot_token_id),
                                 ("vocab_size", vocab_size, tok.vocab_size)):
             if want != got:
-                raise ValueError(f"{cfg_path}, field '{name}': recorded {want}, but {vocab_path.name} with the "
+                raise ConfigError(f"{cfg_path}, field '{name}': recorded {want}, but {vocab_path.name} with the "
                                  f"recorded special tokens gives {got}")
         return tok
 

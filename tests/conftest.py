@@ -30,7 +30,7 @@ FAST_FIT = [
 @pytest.fixture(scope="session")
 def base_model_dir():
     """The embedded pretrained base (built once per cache; CI builds it on first use)."""
-    from cmalign.base_model import ensure_base_model
+    from cmalign.model.base import ensure_base_model
 
     return ensure_base_model()
 
@@ -38,8 +38,8 @@ def base_model_dir():
 @pytest.fixture(scope="session")
 def alignment_runs(base_model_dir, tmp_path_factory):
     """α = 0 and α = 0.5 fits of the default recipe from the embedded base, 120 steps each: {α: FitResult}."""
-    from cmalign.config import load_config
-    from cmalign.fit import fit
+    from cmalign.train.config import load_config
+    from cmalign.train.loop import fit
 
     out = {}
     for alpha in (0.0, 0.5):

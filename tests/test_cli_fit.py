@@ -121,7 +121,7 @@ def test_on_bad_sample_fail_stops_with_the_source(tmp_path):
 @pytest.mark.parametrize("trainable,frozen_prefix", [("image", "transformer."), ("text", "visual."),
                                                       ("projections", "visual.transformer")])
 def test_trainable_choice_freezes_the_rest(tmp_path, trainable, frozen_prefix):
-    from cmalign.models import load_model, select_trainable
+    from cmalign.model.loading import load_model, select_trainable
 
     torch.manual_seed(0)  # fit seeds with train.seed (0) right before building the model
     lm = load_model("cmalign-tiny", None)
@@ -195,7 +195,7 @@ def test_gradient_accumulation_runs_and_logs_each_optimizer_step(tmp_path):
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from cmalign.losses import CMALoss
+    from cmalign.objective.cma_loss import CMALoss
 
     real = CMALoss.alignment_terms
     calls = {"n": 0}

@@ -1,4 +1,4 @@
-"""fit's configuration (cmalign.config): defaults, TOML files, dotted overrides, round trip, hash."""
+"""fit's configuration (cmalign.train.config): defaults, TOML files, dotted overrides, round trip, hash."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cmalign.config import FitConfig, apply_overrides, load_config, to_toml
+from cmalign.train.config import FitConfig, apply_overrides, load_config, to_toml
 
 
 def write(tmp_path: Path, text: str, name: str = "cfg.toml") -> Path:

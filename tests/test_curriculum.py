@@ -1,4 +1,4 @@
-"""The three-phase α schedule of TPC-CMA (cmalign.curriculum)."""
+"""The three-phase α schedule of TPC-CMA (cmalign.objective.curriculum)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from cmalign.curriculum import RAMPS, CurriculumConfig, alpha_at
+from cmalign.objective.curriculum import RAMPS, CurriculumConfig, alpha_at
 
 TOTAL = 100
 TARGET = 0.8

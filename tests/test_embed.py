@@ -19,9 +19,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cmalign.cli.main import app
+from cmalign.corpus.embed import EmbedConfig, embed_dataset
+from cmalign.corpus.store import EmbeddingsError, load_embeddings, merge_shards, parse_shard
 from cmalign.data.synth import make_scene
-from cmalign.embed import EmbedConfig, embed_dataset
-from cmalign.embeddings import EmbeddingsError, load_embeddings, merge_shards, parse_shard
 from cmalign.export.runtime import ExportedModel
 
 runner = CliRunner()
@@ -315,7 +315,7 @@ def test_load_embeddings_needs_the_merge(tmp_path):
 TORCH_FREE = textwrap.dedent("""
     import sys
     sys.modules["torch"] = None  # any `import torch` now fails
-    from cmalign.embed import EmbedConfig, embed_dataset
+    from cmalign.corpus.embed import EmbedConfig, embed_dataset
 
     export, data, out = sys.argv[1:4]
     result = embed_dataset(EmbedConfig(export=export, data=data, out=out, batch_size=16))

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 from helpers.tiny_lm import tiny_local_gpt2
 
-from cmalign import gap
-from cmalign.captioning.decoder import DecoderConfig, train_decoder
-from cmalign.captioning.scores import caption_scores
-from cmalign.captioning.tokenize import tokenize, tokenize_caption
-from cmalign.clustering import class_weights, joint_clustering, zero_shot_accuracy
-from cmalign.posthoc import fit_posthoc, parse_posthoc
-from cmalign.retrieval import retrieval_metrics
+from cmalign.evaluation.captioning.decoder import DecoderConfig, train_decoder
+from cmalign.evaluation.captioning.scores import caption_scores
+from cmalign.evaluation.captioning.tokenize import tokenize, tokenize_caption
+from cmalign.evaluation.posthoc import fit_posthoc, parse_posthoc
+from cmalign.metrics import gap
+from cmalign.metrics.clustering import class_weights, joint_clustering, zero_shot_accuracy
+from cmalign.metrics.retrieval import retrieval_metrics
 
 
 def _unit(a):

@@ -23,7 +23,7 @@ from cmalign.data.synth import make_scene, synth_split
 from cmalign.export import ExportFormatError, ProviderUnavailableError, load_export
 from cmalign.export import manifest as mf
 from cmalign.export.onnx_export import ExportConfig, ParityError, check_graph, export_model
-from cmalign.models import load_model
+from cmalign.model.loading import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Tests for cmalign.gap: identities, invariances and hand-checkable cases of the gap measures."""
+"""Tests for cmalign.metrics.gap: identities, invariances and hand-checkable cases of the gap measures."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from cmalign import gap
-from cmalign.gap import (
+from cmalign.metrics import gap
+from cmalign.metrics.gap import (
     GapReport,
     bures,
     center_modalities,

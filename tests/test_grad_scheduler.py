@@ -1,4 +1,4 @@
-"""The gradient-aware scheduler (cmalign.grad_scheduler) and the TPC-CMA step that uses it (cmalign.fit)."""
+"""The gradient-aware scheduler (cmalign.objective.grad_scheduler) and the TPC-CMA step that uses it (cmalign.train.loop)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from cmalign.grad_scheduler import MODES, Decision, GradScheduler, GradSchedulerConfig
+from cmalign.objective.grad_scheduler import MODES, Decision, GradScheduler, GradSchedulerConfig
 
 # ------------------------------------------------------------------ hand-made gradients
 
@@ -229,7 +229,7 @@ CAPTIONS = ["a red circle", "a blue square on gray", "two green stars", "a large
 
 @pytest.fixture(scope="module")
 def tiny():
-    from cmalign.models import load_model
+    from cmalign.model.loading import load_model
 
     torch.manual_seed(0)
     lm = load_model("cmalign-tiny", None)
@@ -254,7 +254,7 @@ def _plain_grads(model, images, tokens, loss_fn, alpha: float) -> dict[str, torc
 
 
 def _step_grads(model, images, tokens, loss_fn, sched, alpha: float, grad_div: float = 1.0):
-    from cmalign.fit import TPCCMAStep
+    from cmalign.train.loop import TPCCMAStep
 
     model.zero_grad(set_to_none=True)
     row, d = TPCCMAStep(model, loss_fn, sched)(images, tokens, alpha, nullcontext, None, grad_div=grad_div)
@@ -276,7 +276,7 @@ def _assert_same_grads(a: dict, b: dict, rel: float = 1e-5) -> None:
 
 
 def test_step_with_scheduler_off_matches_plain_backward(tiny) -> None:
-    from cmalign.losses import CMALoss
+    from cmalign.objective.cma_loss import CMALoss
 
     model, images, tokens = tiny
     loss_fn = CMALoss()
@@ -294,7 +294,7 @@ def test_step_with_scheduler_off_matches_plain_backward(tiny) -> None:
 
 @pytest.mark.parametrize("mode", ["project", "lr"])
 def test_step_without_projection_or_cap_matches_plain_backward(tiny, mode: str) -> None:
-    from cmalign.losses import CMALoss
+    from cmalign.objective.cma_loss import CMALoss
 
     model, images, tokens = tiny
     loss_fn = CMALoss()
@@ -312,7 +312,7 @@ def test_step_without_projection_or_cap_matches_plain_backward(tiny, mode: str) 
 
 
 def test_step_with_cap_equals_plain_backward_at_the_capped_alpha(tiny) -> None:
-    from cmalign.losses import CMALoss
+    from cmalign.objective.cma_loss import CMALoss
 
     model, images, tokens = tiny
     loss_fn = CMALoss()
@@ -326,7 +326,7 @@ def test_step_with_cap_equals_plain_backward_at_the_capped_alpha(tiny) -> None:
 
 
 def test_step_grad_div_divides_gradients(tiny) -> None:
-    from cmalign.losses import CMALoss
+    from cmalign.objective.cma_loss import CMALoss
 
     model, images, tokens = tiny
     loss_fn = CMALoss()
@@ -341,7 +341,7 @@ class _OpposedCMALoss(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from cmalign.losses import CMAConfig, CMALoss
+        from cmalign.objective.cma_loss import CMAConfig, CMALoss
 
         self.inner = CMALoss(CMAConfig(scale_by_logit_scale=False))
 

@@ -14,9 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cmalign.cli.main import app
-from cmalign.embed import EmbedConfig, embed_dataset
-from cmalign.embeddings import EmbeddingsError, load_embeddings
-from cmalign.index import (
+from cmalign.corpus.embed import EmbedConfig, embed_dataset
+from cmalign.corpus.store import EmbeddingsError, load_embeddings
+from cmalign.index.choice import choose_index, parse_memory
+from cmalign.index.joint import (
     ExportMismatchError,
     GpuUnavailableError,
     IndexBuildError,
@@ -25,10 +26,9 @@ from cmalign.index import (
     add_to_index,
     build_index,
 )
-from cmalign.index_choice import choose_index, parse_memory
-from cmalign.index_tuning import exact_knn, tie_tolerant_recall, unwrap
-from cmalign.mixed import mixed_modality_report, pair_set_positions
-from cmalign.search import Searcher
+from cmalign.index.searcher import Searcher
+from cmalign.index.tuning import exact_knn, tie_tolerant_recall, unwrap
+from cmalign.metrics.mixed import mixed_modality_report, pair_set_positions
 
 runner = CliRunner()
 
@@ -82,7 +82,7 @@ def test_auto_picks_flat_for_the_default_split_and_it_is_exact(val_emb, queries,
 
 def _check_id_table(index: JointIndex, emb_dirs) -> None:
     """Every id's vector in the index is the embedding its id-table row names (part, shard, modality, row)."""
-    from cmalign.embeddings import iter_shards
+    from cmalign.corpus.store import iter_shards
 
     ids = index.ids
     assert list(ids["id"]) == list(range(len(index)))
@@ -306,7 +306,7 @@ def test_on_disk_ivf_is_merged_per_shard_and_relocatable(val_emb, queries, tmp_p
 TORCH_FREE = textwrap.dedent("""
     import sys
     sys.modules["torch"] = None  # any `import torch` now fails
-    from cmalign.search import Searcher
+    from cmalign.index.searcher import Searcher
 
     hits = Searcher(sys.argv[1]).text(["a red circle"], k=3, modality="image")[0]
     heavy = sorted(m for m in ("torch", "torchvision", "open_clip", "onnx") if sys.modules.get(m) is not None)
@@ -326,7 +326,7 @@ def test_the_aligned_joint_index_finds_paired_images(alignment_runs, tmp_path):
     query finds its own modality and the partner is ranked behind the whole other modality; aligned (α = 0.5) the
     partner moves up by more than 10x and starts to appear in the top 10."""
     from cmalign.export.onnx_export import ExportConfig, export_model
-    from cmalign.mixed import mixed_modality_report
+    from cmalign.metrics.mixed import mixed_modality_report
 
     reports = {}
     for alpha, run in alignment_runs.items():
@@ -366,8 +366,8 @@ def test_mixed_modality_report_on_a_hand_checkable_case():
 def _write_embeddings(out: Path, image: np.ndarray, text: np.ndarray, text_pair: np.ndarray,
                       fingerprint: str = "0123456789abcdef") -> Path:
     """An embeddings directory written with the library's own writers (one shard), for edge cases."""
-    from cmalign.atomic import write_json
-    from cmalign.embeddings import merge_shards, save_array, save_metadata, shard_paths
+    from cmalign.artifacts.atomic import write_json
+    from cmalign.corpus.store import merge_shards, save_array, save_metadata, shard_paths
 
     p = shard_paths(out, 0)
     save_array(p["image"], image.astype(np.float32))
@@ -404,7 +404,7 @@ def test_filtered_search_leaves_the_shared_knobs_alone(val_emb, tmp_path):
     build_index(IndexConfig(embeddings=str(val_emb), out=str(tmp_path / "idx"), factory="IVF64,Flat"))
     index = JointIndex(tmp_path / "idx")
     knobs = dict(index.manifest["search_params"])
-    from cmalign.index_tuning import get_search_params, set_search_params
+    from cmalign.index.tuning import get_search_params, set_search_params
 
     set_search_params(index.index, {"nprobe": 1})  # so narrow that an image-only search must widen
     _, ids = index.search(load_embeddings(val_emb).text[:50], 50, modality="image")

@@ -1,4 +1,4 @@
-"""The TPC-CMA objective (cmalign.losses): its distribution terms and how CMALoss assembles them."""
+"""The TPC-CMA objective (cmalign.objective.cma_loss): its distribution terms and how CMALoss assembles them."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss
 
-from cmalign import gap
-from cmalign.losses import CMAConfig, CMALoss, bures2, coral, mmd2_rbf
+from cmalign.metrics import gap
+from cmalign.objective.cma_loss import CMAConfig, CMALoss, bures2, coral, mmd2_rbf
 
 BANDWIDTHS = (0.5, 1.0, 2.0, 4.0)
 

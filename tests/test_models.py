@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cmalign.models import load_model, save_local_dir, select_trainable
+from cmalign.model.loading import load_model, save_local_dir, select_trainable
 
 
 @pytest.fixture(scope="module")

@@ -407,8 +407,8 @@ def test_compressed_shard_is_a_schema_error_with_a_hint(tmp_path: Path) -> None:
 @pytest.mark.parametrize("n_images,fraction,expected", [(40, 0.05, 2), (10, 0.05, 1), (200, 0.1, 20), (2, 0.5, 1)])
 def test_held_out_validation_is_the_asked_share_of_images_never_empty(tmp_path, n_images, fraction, expected):
     """A held-out split takes round(fraction × images) whole images (at least one), wherever the data lives."""
-    from cmalign.config import DataConfig
-    from cmalign.data.sources import load_splits
+    from cmalign.data.splits import load_splits
+    from cmalign.train.config import DataConfig
 
     rows = ["filepath\ttitle"]
     for i in range(n_images):

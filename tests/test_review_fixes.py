@@ -8,11 +8,11 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from cmalign.atomic import atomic_write
-from cmalign.fit import RunDir, TPCCMAStep, _check_supported
-from cmalign.grad_scheduler import GradScheduler, GradSchedulerConfig
-from cmalign.losses import CMAConfig, CMALoss
-from cmalign.models import load_model
+from cmalign.artifacts.atomic import atomic_write
+from cmalign.model.loading import load_model
+from cmalign.objective.cma_loss import CMAConfig, CMALoss
+from cmalign.objective.grad_scheduler import GradScheduler, GradSchedulerConfig
+from cmalign.train.loop import RunDir, TPCCMAStep, _check_supported
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_atomic_files_get_normal_permissions(tmp_path):
 
 
 def test_resume_lists_each_bad_sample_once(tmp_path):
-    from cmalign.fit import _write_bad
+    from cmalign.train.loop import _write_bad
 
     run = RunDir(tmp_path)
     rows = [{"source": s, "field": "image", "reason": "x"} for s in ("a.csv:2", "a.csv:3", "a.csv:9", "a.csv:2")]

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cmalign.cli.main import app
-from cmalign.frontier import pareto_front, r2_table, r_squared, recommend
+from cmalign.sweep.analysis import pareto_front, r2_table, r_squared, recommend
 
 runner = CliRunner()
 TINY = ["--steps", "6", "--set", "train.batch_size=16", "--set", "data.synth_train_images=64",

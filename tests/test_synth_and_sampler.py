@@ -1,4 +1,4 @@
-"""The generated default data set (cmalign.data.synth) and the torch data side (cmalign.data.pairs)."""
+"""The generated default data set (cmalign.data.synth) and the torch data side (cmalign.data.torch_pairs)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from cmalign.data.pairs import PairDataset, ResumableBatchSampler, collate_pairs
 from cmalign.data.readers import read_dataset
 from cmalign.data.records import BadSampleError, Record
 from cmalign.data.synth import CAPTIONS_PER_IMAGE, SHAPES, synth_split, write_synth
+from cmalign.data.torch_pairs import PairDataset, ResumableBatchSampler, collate_pairs
 
 # ------------------------------------------------------------------ synth
 
@@ -192,7 +192,7 @@ def test_fewer_samples_than_a_global_batch_raises(n: int, b: int, ws: int) -> No
 
 @pytest.fixture(scope="module")
 def tiny():
-    from cmalign.models import load_model
+    from cmalign.model.loading import load_model
 
     return load_model("cmalign-tiny", None)
 

@@ -1,1 +1,1 @@
-"""Image–caption data: readers for user formats, the generated default set, torch datasets."""
+"""Image–caption data: records, reader options, readers for user formats, splits, the generated default set."""

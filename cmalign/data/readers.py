@@ -25,6 +25,7 @@ from typing import Any
 from PIL import Image
 
 from cmalign.data.records import BadSample, DataSchemaError, ReadResult, Record
+from cmalign.errors import ConfigError, MissingInputError
 
 FORMATS = ("auto", "csv", "tsv", "jsonl", "coco", "folder", "webdataset")
 
@@ -88,16 +89,16 @@ def read_dataset(
     tab (open_clip's default) and comma unless ``csv_separator`` is given.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown data format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown data format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     path = os.path.expanduser(os.fspath(path))
     if fmt == "auto":
         fmt = detect_format(path)
     elif not os.path.exists(path) and not (fmt == "webdataset" and _is_brace_pattern(path)):
-        raise FileNotFoundError(f"data set not found: {path}")
+        raise MissingInputError(f"data set not found: {path}")
     if image_root is not None:
         image_root = os.path.expanduser(image_root)
         if check_files and fmt in ("csv", "tsv", "jsonl", "coco") and not os.path.isdir(image_root):
-            raise FileNotFoundError(f"image_root is not a directory: {image_root}")
+            raise MissingInputError(f"image_root is not a directory: {image_root}")
     if fmt == "folder" and not os.path.isdir(path):
         raise DataSchemaError(path, None, None, "format 'folder' needs a directory of image + .txt pairs")
     if fmt in ("csv", "tsv", "jsonl", "coco") and os.path.isdir(path):
@@ -128,7 +129,7 @@ def detect_format(path: str) -> str:
     if not os.path.exists(path):
         if _is_brace_pattern(path):
             return "webdataset"
-        raise FileNotFoundError(f"data set not found: {path}")
+        raise MissingInputError(f"data set not found: {path}")
     if os.path.isdir(path):
         if _dir_has_images(path):
             return "folder"
@@ -146,7 +147,7 @@ def detect_format(path: str) -> str:
         return "webdataset"
     if lower.endswith(".json"):
         return "coco" if _looks_like_coco(path) else "jsonl"
-    raise ValueError(
+    raise ConfigError(
         f"cannot tell the format of {path} from its name; pass fmt= one of {', '.join(FORMATS[1:])}"
     )
 
@@ -445,7 +446,7 @@ def _shard_paths(path: str) -> list[str]:
     missing = [s for s in shards if not os.path.isfile(s)]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{len(missing)} of {len(shards)} shards in {path} not found: {', '.join(missing[:3])}{more}"
         )
     return shards

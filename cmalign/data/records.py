@@ -17,8 +17,10 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
+from cmalign.errors import CmalignError
 
-class DataSchemaError(ValueError):
+
+class DataSchemaError(CmalignError, ValueError):
     """A data file does not have the structure its format requires."""
 
     def __init__(self, file: str, row: int | str | None, field: str | None, problem: str):
@@ -31,7 +33,7 @@ class DataSchemaError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
-class BadSampleError(ValueError):
+class BadSampleError(CmalignError, ValueError):
     """Raised instead of skipping when the user asked for ``on_bad_sample="fail"``."""
 
 

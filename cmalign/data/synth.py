@@ -22,6 +22,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from cmalign.data.records import ReadResult, Record
+from cmalign.errors import ConfigError
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "hexagon", "ring")
 COLOURS = {
@@ -155,7 +156,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
         draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
     else:  # pragma: no cover - SHAPES is closed
-        raise ValueError(shape)
+        raise ConfigError(shape)
 
 
 def _rng_for(seed: int, split: str, index: int) -> random.Random:
@@ -191,7 +192,7 @@ def synth_split(split: str = "train", seed: int = 0, n_images: int | None = None
                 captions_per_image: int = CAPTIONS_PER_IMAGE) -> ReadResult:
     """Records of one split: ``captions_per_image`` records per scene, sharing the scene's key."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split '{split}', expected one of {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown split '{split}', expected one of {', '.join(SPLITS)}")
     n = SPLITS[split] if n_images is None else n_images
     records = []
     for i in range(n):
@@ -211,7 +212,7 @@ def write_synth(out_dir: str | Path, seed: int = 0, sizes: dict[str, int] | None
     """
     import csv
 
-    from cmalign.atomic import atomic_write, write_json
+    from cmalign.artifacts.atomic import atomic_write, write_json
 
     out = Path(out_dir)
     written = {}

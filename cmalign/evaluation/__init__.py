@@ -1,6 +1,16 @@
-"""`cmalign eval`: the aligned space measured on the protocols of DESIGN.md §3, with a report a person reads."""
+"""`cmalign eval`: one evaluator object per task, the runner, the report and figures, the post-hoc fixes.
 
-from cmalign.evaluation.config import EvalConfig
-from cmalign.evaluation.runner import EvalResult, evaluate
+``EvalConfig`` and ``evaluate`` are loaded on first use, so the metric and post-hoc modules import alone.
+"""
 
-__all__ = ["EvalConfig", "EvalResult", "evaluate"]
+from importlib import import_module
+
+_EXPORTS = {"EvalConfig": "cmalign.evaluation.config", "EvalResult": "cmalign.evaluation.runner",
+            "evaluate": "cmalign.evaluation.runner"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'cmalign.evaluation' has no attribute '{name}'")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from cmalign.captioning.decoder import DecoderConfig
+from cmalign.errors import ConfigError
+from cmalign.evaluation.captioning.config import DecoderConfig
 
 TASKS = ("gap", "retrieval", "mixed", "clustering", "zeroshot", "caption")
 
@@ -53,17 +54,17 @@ class EvalConfig:
     def __post_init__(self):
         bad = [t for t in self.tasks if t not in TASKS]
         if bad:
-            raise ValueError(f"unknown task(s) {', '.join(bad)}; expected any of {', '.join(TASKS)}")
+            raise ConfigError(f"unknown task(s) {', '.join(bad)}; expected any of {', '.join(TASKS)}")
         if self.source is None and self.model is None:
-            raise ValueError("give a run or export directory, or --model NAME [--pretrained TAG]")
+            raise ConfigError("give a run or export directory, or --model NAME [--pretrained TAG]")
         if self.source is not None and self.model is not None:
-            raise ValueError("give either a run/export directory or --model, not both")
+            raise ConfigError("give either a run/export directory or --model, not both")
         if self.posthoc_on not in ("auto", "model", "baseline"):
-            raise ValueError(f"posthoc_on must be auto, model or baseline, got {self.posthoc_on!r}")
+            raise ConfigError(f"posthoc_on must be auto, model or baseline, got {self.posthoc_on!r}")
         if self.fit_images < 2:
-            raise ValueError(f"fit_images must be at least 2, got {self.fit_images}")
+            raise ConfigError(f"fit_images must be at least 2, got {self.fit_images}")
         if not 0 < self.fit_share < 1:
-            raise ValueError(f"fit_share must lie in (0, 1), got {self.fit_share}")
+            raise ConfigError(f"fit_share must lie in (0, 1), got {self.fit_share}")
 
     def to_dict(self) -> dict:
         return asdict(self)

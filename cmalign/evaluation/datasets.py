@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cmalign.data import synth
-from cmalign.data.sources import DEFAULT_CLASS_TEMPLATES, held_out_keys, read_records
-from cmalign.guard import GuardSet
+from cmalign.data.splits import DEFAULT_CLASS_TEMPLATES, held_out_keys, read_records
+from cmalign.errors import ConfigError
+from cmalign.train.guard import GuardSet
 
 ALL = 10**12
 
@@ -48,7 +49,7 @@ def load_eval_data(cfg) -> EvalData:
             fit_records = [r for r in eval_records if r.key in held]
             eval_records = [r for r in eval_records if r.key not in held]
             if not fit_records or not eval_records:
-                raise ValueError(f"{cfg.data}: too few images to split into fit and evaluation parts; pass --fit-data")
+                raise ConfigError(f"{cfg.data}: too few images to split into fit and evaluation parts; pass --fit-data")
             desc = {"eval": f"{cfg.data}: the {1 - cfg.fit_share:.0%} of images not used for fitting",
                     "fit": f"{cfg.data}: {cfg.fit_share:.0%} of images by key hash (no --fit-data given)"}
             notes.append(f"no --fit-data: the caption decoder and the post-hoc fixes were fitted on "

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cmalign.artifacts.manifests import read_json_object
 from cmalign.data.records import Record, load_image
-from cmalign.manifests import read_json_object
+from cmalign.errors import CmalignError
 
 
-class SourceError(ValueError):
+class SourceError(CmalignError, ValueError):
     """A source directory is not a run, an export or an open_clip model directory."""
 
 
@@ -57,7 +58,7 @@ class TorchEncoder:
                  description: dict | None = None):
         import torch
 
-        from cmalign.models import load_model
+        from cmalign.model.loading import load_model
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

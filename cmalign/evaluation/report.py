@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cmalign.atomic import atomic_write
+from cmalign.artifacts.atomic import atomic_write
 
 # (task, key, label, higher is better) rows of the summary and the per-task tables
 SUMMARY_ROWS = (

@@ -14,16 +14,17 @@ from pathlib import Path
 import numpy as np
 
 import cmalign
-from cmalign import gap
-from cmalign.atomic import atomic_dir, write_json
-from cmalign.captioning.tokenize import NAME as TOKENIZER_NAME
+from cmalign.artifacts.atomic import atomic_dir, write_json
+from cmalign.artifacts.manifests import read_manifest_file
+from cmalign.errors import ConfigError, OutputExistsError
 from cmalign.evaluation import encoders
+from cmalign.evaluation.captioning.tokenize import NAME as TOKENIZER_NAME
 from cmalign.evaluation.config import EvalConfig
 from cmalign.evaluation.datasets import load_eval_data
-from cmalign.evaluation.embedded import embed_all
-from cmalign.evaluation.tasks import DEFINITIONS, NEEDS_LABELS, TASK_FUNCTIONS
-from cmalign.manifests import read_manifest_file
-from cmalign.posthoc import fit_posthoc
+from cmalign.evaluation.evaluators import DEFINITIONS, NEEDS_LABELS, TASK_FUNCTIONS
+from cmalign.evaluation.posthoc import fit_posthoc
+from cmalign.evaluation.system_embeddings import embed_all
+from cmalign.metrics import gap
 
 KIND = "cmalign-eval"
 GAP_MEASURES = ("raw", "centroid", "paired_residual", "mmd2", "bures", "coral", "w2", "rmg")
@@ -44,8 +45,8 @@ def default_out(cfg: EvalConfig) -> Path:
 def _subject(cfg: EvalConfig, log):
     if cfg.source is not None:
         return encoders.open_source(cfg.source, "model", cfg.device, cfg.provider, cfg.variant, cfg.batch_size)
-    from cmalign.base_model import BASE_TAG, ensure_base_model
-    from cmalign.models import TINY_MODEL
+    from cmalign.model.base import BASE_TAG, ensure_base_model
+    from cmalign.model.loading import TINY_MODEL
 
     pretrained = cfg.pretrained
     if cfg.model == TINY_MODEL and pretrained in (None, BASE_TAG):
@@ -68,7 +69,7 @@ def _baseline(cfg: EvalConfig, log):
             why = ("the source is not a fit run" if kind != "run" else
                    "the run's starting weights are not on this machine")
             if spec == "base":
-                raise ValueError(f"--baseline base: {why}; give a run or export directory, or --baseline none")
+                raise ConfigError(f"--baseline base: {why}; give a run or export directory, or --baseline none")
             return None, f"no baseline: {why} (give --baseline RUN_OR_EXPORT)"
         log(f"baseline: the run's starting model {start[0]} ({start[1] or 'random init'})")
         return encoders.TorchEncoder(start[0], start[1], "baseline", cfg.device, cfg.batch_size,
@@ -80,7 +81,7 @@ def _posthoc_target(cfg: EvalConfig, embedded: dict) -> str:
     """Whose embeddings the post-hoc fixes apply to: by default the original model's (the baseline), since they
     are the cheap alternative to fine-tuning that the fine-tuned model should beat."""
     if cfg.posthoc_on == "baseline" and "baseline" not in embedded:
-        raise ValueError("--posthoc-on baseline needs a baseline (--baseline)")
+        raise ConfigError("--posthoc-on baseline needs a baseline (--baseline)")
     if cfg.posthoc_on == "auto":
         return "baseline" if "baseline" in embedded else "model"
     return cfg.posthoc_on
@@ -133,7 +134,7 @@ def evaluate(cfg: EvalConfig, log=None, progress=None) -> EvalResult:
     t_start = time.perf_counter()
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or --out elsewhere")
+        raise OutputExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or --out elsewhere")
     timings: dict = {}
 
     t0 = time.perf_counter()

@@ -7,10 +7,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from cmalign.fit import TPCCMAStep
-from cmalign.grad_scheduler import GradScheduler, GradSchedulerConfig
-from cmalign.losses import CMAConfig, CMALoss
-from cmalign.models import load_model
+from cmalign.model.loading import load_model
+from cmalign.objective.cma_loss import CMAConfig, CMALoss
+from cmalign.objective.grad_scheduler import GradScheduler, GradSchedulerConfig
+from cmalign.train.loop import TPCCMAStep
 
 
 def global_batch(tokenizer, n=16):

@@ -1,0 +1,233 @@
+"""`cmalign embed`: run an export over a data set and write the embeddings directory.
+
+Torch-free: the ONNX runtime, the torch-free preprocessing/tokenizer and the data readers. Image
+decoding runs in a thread pool ahead of inference (PIL and onnxruntime both release the GIL), with
+a bounded look-ahead. ``shard="i/n"`` embeds the i-th of n equal slices of the data set's images
+(with all their captions), so any scheduler can fan the work out; each shard writes its own files
+and the last one to finish merges (see :mod:`cmalign.corpus.store`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import cmalign
+from cmalign.artifacts.atomic import atomic_write, write_json
+from cmalign.corpus.store import (
+    EmbeddingsError,
+    check_compatible,
+    merge_shards,
+    parse_shard,
+    read_shard_manifests,
+    save_array,
+    save_metadata,
+    shard_paths,
+)
+from cmalign.data.records import BadSample, Record
+from cmalign.errors import ConfigError, OutputExistsError
+from cmalign.export.prefetch import prefetch_map
+from cmalign.export.runtime import ExportedModel
+
+GENERATED_PREFIX = "generated:"
+
+
+@dataclass
+class EmbedConfig:
+    export: str
+    data: str = "generated:val"  # a data file/folder in any `fit` format, or generated:train|val|test
+    out: str = "emb/corpus"
+    shard: str = "0/1"
+    format: str = "auto"
+    image_root: str | None = None
+    csv_separator: str | None = None
+    image_column: str = "filepath"
+    caption_column: str = "title"
+    label_column: str = "label"
+    provider: str = "cpu"
+    variant: str = "fp32"
+    batch_size: int = 64  # images per inference batch (texts use 4x)
+    workers: int = 2  # image decoding threads
+    threads: int | None = None  # onnxruntime intra-op threads (default: onnxruntime's)
+    dtype: str = "float32"  # or float16, to halve the files
+    overwrite: bool = False
+
+
+@dataclass
+class EmbedResult:
+    out: Path
+    shard: tuple[int, int]
+    images: int
+    texts: int
+    skipped: list[BadSample] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the whole call
+    setup_seconds: float = 0.0  # of which: loading the export (checksums, sessions) and reading the data set
+    merged: dict | None = None  # the merged manifest, once every shard is there
+
+
+@dataclass
+class _Pair:
+    pair_id: int
+    image: Record  # the first record of the image
+    captions: list[Record]
+
+
+def read_corpus(cfg: EmbedConfig) -> tuple[list[_Pair], list[BadSample], dict]:
+    """Group records by image (in order of first appearance); pair_id is that position."""
+    if cfg.data.startswith(GENERATED_PREFIX):
+        from cmalign.data.synth import synth_split
+
+        split = cfg.data[len(GENERATED_PREFIX):]
+        records, skipped = synth_split(split).records, []
+        description = {"path": cfg.data, "format": "generated"}
+    else:
+        from cmalign.data.splits import read_records
+
+        records, skipped = read_records(cfg.data, cfg)
+        description = {"path": str(Path(cfg.data).resolve()), "format": cfg.format}
+    pairs: dict[str, _Pair] = {}
+    for r in records:
+        p = pairs.get(r.key)
+        if p is None:
+            p = pairs[r.key] = _Pair(len(pairs), r, [])
+        p.captions.append(r)
+    description.update(images=len(pairs), texts=len(records))
+    return list(pairs.values()), list(skipped), description
+
+
+def _image_path(r: Record) -> str:
+    return r.image if isinstance(r.image, str) else str(getattr(r.image, "path", "") or r.key)
+
+
+def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | None = None) -> EmbedResult:
+    """Embed one shard of ``cfg.data`` with ``cfg.export``; merge when every shard is done."""
+    t0 = time.time()
+    index, n = parse_shard(cfg.shard)
+    if cfg.dtype not in ("float32", "float16"):
+        raise ConfigError(f"dtype must be float32 or float16, got {cfg.dtype!r}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {cfg.batch_size}")
+    model = ExportedModel(cfg.export, provider=cfg.provider, variant=cfg.variant, threads=cfg.threads)
+    out = Path(cfg.out)
+    paths = shard_paths(out, index)
+    pairs, skipped, data_desc = read_corpus(cfg)
+    setup_seconds = time.time() - t0
+
+    identity = {"export": str(Path(cfg.export).resolve()), "export_fingerprint": model.fingerprint,
+                "model": {k: model.manifest.get(k) for k in ("alpha_target", "config_hash")} |
+                         {"source": model.manifest.get("source", {}).get("open_clip_name")},
+                "variant": cfg.variant, "embed_dim": model.embed_dim, "dtype": cfg.dtype, "data": data_desc,
+                "num_shards": n}
+    for i, existing in read_shard_manifests(out).items():
+        if i == index and not cfg.overwrite:
+            raise OutputExistsError(f"{paths['manifest']} exists: shard {index}/{n} is already done "
+                                  "(pass --overwrite to redo it)")
+        check_compatible(existing, identity, str(shard_paths(out, i)["manifest"]))
+
+    if index != 0:
+        # Samples the reader already skipped belong to no slice: only shard 0 lists (and counts) them, so
+        # the merged total counts each once instead of once per shard.
+        skipped = []
+    if cfg.overwrite:
+        # The merged manifest describes the shard being redone; drop it until the merge that follows.
+        (out / "manifest.json").unlink(missing_ok=True)
+
+    mine = pairs[index * len(pairs) // n:(index + 1) * len(pairs) // n]
+    img_emb, img_rows, bad = _embed_images(model, mine, cfg, progress)
+    kept = [p for p in mine if p.pair_id not in bad]
+    for p in mine:
+        if p.pair_id in bad:
+            skipped.append(bad[p.pair_id])
+            skipped.extend(BadSample(r.source, "caption", "its image was skipped") for r in p.captions)
+    captions = [r for p in kept for r in p.captions]
+    txt_emb = _embed_texts(model, [r.caption for r in captions], cfg, progress)
+
+    owner = {p.pair_id: p for p in kept}
+    pair_of = {id(r): p.pair_id for p in kept for r in p.captions}
+    meta: dict[str, list] = {c: [] for c in ("modality", "row", "pair_id", "image_path", "caption", "label", "key",
+                                             "source")}
+    for row, pid in enumerate(img_rows):
+        r = owner[pid].image
+        _add_row(meta, "image", row, pid, _image_path(r), r.caption, r)
+    for row, r in enumerate(captions):
+        _add_row(meta, "text", row, pair_of[id(r)], _image_path(r), r.caption, r)
+
+    dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    save_array(paths["image"], img_emb.astype(dtype))
+    save_array(paths["text"], txt_emb.astype(dtype))
+    save_metadata(paths["metadata"], meta)
+    with atomic_write(paths["bad"]) as f:
+        for b in skipped:
+            f.write(json.dumps(b.to_dict()) + "\n")
+    seconds = time.time() - t0
+    write_json(paths["manifest"], {
+        **identity, "kind": "cmalign-embeddings-shard", "shard": index, "cmalign_version": cmalign.__version__,
+        "rows": {"images": len(img_rows), "texts": len(captions)}, "skipped": len(skipped),
+        "seconds": round(seconds, 2), "setup_seconds": round(setup_seconds, 2), "providers": model.providers,
+        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("export", "out", "overwrite")},
+    })
+    result = EmbedResult(out=out, shard=(index, n), images=len(img_rows), texts=len(captions), skipped=skipped,
+                         seconds=seconds, setup_seconds=setup_seconds)
+    if len(read_shard_manifests(out)) == n:
+        try:
+            result.merged = merge_shards(out)
+        except EmbeddingsError:
+            result.merged = None  # another shard is still writing; `cmalign embed-merge` finishes the job
+    return result
+
+
+def _add_row(meta, modality, row, pair_id, image_path, caption, r: Record) -> None:
+    for k, v in (("modality", modality), ("row", row), ("pair_id", pair_id), ("image_path", image_path),
+                 ("caption", caption), ("label", r.label), ("key", r.key), ("source", r.source)):
+        meta[k].append(v)
+
+
+def _preprocess(model: ExportedModel, r: Record) -> np.ndarray:
+    """As ``ExportedModel.encode_images`` (and open_clip) do: resize and crop the decoded image, then convert
+    to RGB. Converting first (``load_image``) resamples palette (P mode) images differently."""
+    return model.preprocessor(r.image if isinstance(r.image, str) else r.image.load())
+
+
+def _embed_images(model: ExportedModel, pairs: list[_Pair], cfg: EmbedConfig, progress):
+    """Embeddings of the readable images, their pair ids, and a BadSample per unreadable one."""
+    bad: dict[int, BadSample] = {}
+
+    def prepare(batch: list[_Pair]):
+        pixels, ids = [], []
+        for p in batch:
+            try:
+                pixels.append(_preprocess(model, p.image))
+                ids.append(p.pair_id)
+            except Exception as e:  # PIL raises many types for missing or corrupt files
+                bad[p.pair_id] = BadSample(p.image.source, "image", f"{type(e).__name__}: {e}")
+        return (np.stack(pixels) if pixels else None), ids
+
+    batches = [pairs[i:i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
+    embs, rows, done = [], [], 0
+    for pixels, ids in prefetch_map(prepare, batches, workers=cfg.workers):
+        if pixels is not None:
+            embs.append(model.encode_pixels(pixels))
+            rows.extend(ids)
+        done += len(ids)
+        if progress:
+            progress("images", done + len(bad), len(pairs))
+    emb = np.concatenate(embs) if embs else np.zeros((0, model.embed_dim), np.float32)
+    return emb, rows, bad
+
+
+def _embed_texts(model: ExportedModel, texts: list[str], cfg: EmbedConfig, progress) -> np.ndarray:
+    step = cfg.batch_size * 4
+    batches = [texts[i:i + step] for i in range(0, len(texts), step)]
+    embs, done = [], 0
+    # The BPE tokenizer is Python; one thread tokenises the next batch while onnxruntime runs this one.
+    for tokens in prefetch_map(model.tokenize, batches, workers=1):
+        embs.append(model.encode_tokens(tokens))
+        done += len(tokens)
+        if progress:
+            progress("texts", done, len(texts))
+    return np.concatenate(embs) if embs else np.zeros((0, model.embed_dim), np.float32)

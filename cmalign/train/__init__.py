@@ -1,0 +1,1 @@
+"""`cmalign fit`: the configuration, the training loop, distributed/precision setup and the resumable run directory."""
