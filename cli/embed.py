@@ -1,10 +1,12 @@
-"""`cmalign embed` and `cmalign embed-merge`: build an EmbedConfig and call :func:`cmalign.corpus.embed.embed_dataset`."""
+"""`cmalign embed` and `cmalign embed-merge`: build an EmbedConfig and call :func:`cmalign.corpus.embed_dataset`."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
+
+from cmalign.data.options import FORMATS, ReaderOptions
 
 HELP = (
     "Embed a data set with an export (torch-free onnxruntime) into clip-retrieval's layout: "
@@ -15,6 +17,7 @@ HELP = (
     "and listed in OUT/bad_samples/."
 )
 MERGE_HELP = "Check that every shard of OUT is there and from the same export, and write OUT/manifest.json."
+_R = ReaderOptions()
 
 
 def embed_command(
@@ -29,12 +32,12 @@ def embed_command(
     workers: Annotated[int, typer.Option(help="Image decoding threads.")] = 2,
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or float16 (halves the files).")] = "float32",
-    data_format: Annotated[str, typer.Option("--format", help="auto|csv|tsv|jsonl|coco|folder|webdataset")] = "auto",
+    data_format: Annotated[str, typer.Option("--format", help="|".join(FORMATS))] = _R.format,
     image_root: Annotated[str | None, typer.Option(help="Directory relative image paths are under.")] = None,
     csv_separator: Annotated[str | None, typer.Option(help="CSV separator (default: sniffed).")] = None,
-    image_column: Annotated[str, typer.Option(help="Image path column/field.")] = "filepath",
-    caption_column: Annotated[str, typer.Option(help="Caption column/field.")] = "title",
-    label_column: Annotated[str, typer.Option(help="Optional class-name column/field.")] = "label",
+    image_column: Annotated[str, typer.Option(help="Image path column/field.")] = _R.image_column,
+    caption_column: Annotated[str, typer.Option(help="Caption column/field.")] = _R.caption_column,
+    label_column: Annotated[str, typer.Option(help="Optional class-name column/field.")] = _R.label_column,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo a shard that is already done.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ):

@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
+from cmalign.data.options import FORMATS, ReaderOptions
 from cmalign.errors import ConfigError
 from cmalign.evaluation.captioning.config import DecoderConfig
-from cmalign.evaluation.config import TASKS, EvalConfig, ReaderOptions
+from cmalign.evaluation.config import TASKS, EvalConfig
 
 HELP = (
     "Measure the aligned space: gap decomposition, cross-modal retrieval, mixed-modality search, joint "
@@ -71,7 +72,7 @@ def eval_command(
     device: Annotated[str, typer.Option(help="torch device for runs and models: auto, cpu, cuda.")] = _D.device,
     provider: Annotated[str, typer.Option(help="onnxruntime provider for exports: cpu or cuda.")] = _D.provider,
     variant: Annotated[str, typer.Option(help="Export graphs to use: fp32, fp16 or int8.")] = _D.variant,
-    data_format: Annotated[str, typer.Option("--format", help="auto|csv|tsv|jsonl|coco|folder|webdataset",
+    data_format: Annotated[str, typer.Option("--format", help="|".join(FORMATS),
                            rich_help_panel="Data")] = _R.format,
     image_root: Annotated[str | None, typer.Option(help="Directory relative image paths are under.",
                           rich_help_panel="Data")] = None,

@@ -23,12 +23,14 @@ import onnx
 import torch
 
 import cmalign
+from cmalign.artifacts import sources
 from cmalign.artifacts.atomic import atomic_dir, write_json
 from cmalign.errors import CmalignError, ConfigError, MissingInputError, OutputExistsError
 from cmalign.export import manifest as mf
 from cmalign.export.preprocess import ImagePreprocessor, save_preprocess
 from cmalign.export.runtime import default_optimization, make_session
 from cmalign.export.tokenizer import ClipTokenizer, save_tokenizer
+from cmalign.metrics.vectors import l2_normalize
 
 PARITY_BATCHES = (1, 3, 32)
 EXPORTERS = ("dynamo", "legacy")
@@ -221,9 +223,7 @@ def parity_inputs(preprocess_val: Callable, tokenizer: Callable, n: int = max(PA
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return float((a * b).sum(1).min())
+    return float((l2_normalize(a, dtype=np.float64) * l2_normalize(b, dtype=np.float64)).sum(1).min())
 
 
 def graph_parity(path: Path, variant: str, x: np.ndarray, reference: np.ndarray) -> dict:
@@ -252,10 +252,11 @@ def pipeline_parity(export_dir: Path, inputs: ParityInputs) -> dict:
 def retrieval_r1(export_dir: Path, variant: str, n_images: int) -> dict:
     """i→t / t→i R@1 of one variant's graphs on the generated validation split (5 captions per image),
     scored exactly as `fit`'s guard scores the torch model."""
+    from cmalign.data.pair_set import PairSet
     from cmalign.data.synth import synth_split
-    from cmalign.train.guard import GuardSet, recall_at_1
+    from cmalign.train.guard import recall_at_1
 
-    guard = GuardSet.from_records(synth_split("val", n_images=n_images).records, (), max_images=n_images)
+    guard = PairSet.from_records(synth_split("val", n_images=n_images).records, (), max_images=n_images)
     pre = ImagePreprocessor.from_file(export_dir / mf.PREPROCESS)
     tok = ClipTokenizer.from_dir(export_dir / mf.TOKENIZER_DIR)
     emb = {}
@@ -272,7 +273,7 @@ def retrieval_r1(export_dir: Path, variant: str, n_images: int) -> dict:
 
 # -- sources ------------------------------------------------------------------------------------------
 
-def resolve_source(cfg: ExportConfig) -> tuple[str, str | None, dict]:
+def model_source(cfg: ExportConfig) -> tuple[str, str | None, dict]:
     """(open_clip model name, pretrained, provenance for the manifest) from a run, a model dir or a name."""
     if bool(cfg.source) == bool(cfg.model):
         raise ConfigError("give either a source directory (a `cmalign fit` run or an open_clip local-dir model) "
@@ -282,24 +283,23 @@ def resolve_source(cfg: ExportConfig) -> tuple[str, str | None, dict]:
                                            "alpha_target": None}
     if cfg.pretrained:
         raise ConfigError("--pretrained goes with --model; a run or model directory carries its own weights")
-    src = Path(cfg.source)
-    if (src / "model" / "open_clip_config.json").is_file():
-        run_manifest = _read_json(src / "manifest.json")
-        summary = _read_json(src / "summary.json")
-        info = {"kind": "cmalign-run", "run_dir": str(src.resolve()), "model": run_manifest.get("model"),
-                "pretrained": run_manifest.get("pretrained"), "alpha_target": run_manifest.get("alpha_target"),
-                "config_hash": run_manifest.get("config_hash"), "steps": run_manifest.get("steps"),
+    try:
+        source = sources.resolve_source(cfg.source)
+    except sources.SourceError as e:
+        raise MissingInputError(str(e)) from None
+    if source.kind == sources.RUN:
+        m, summary = source.manifest, _read_json(source.path / "summary.json")
+        info = {"kind": "cmalign-run", "run_dir": str(source.path.resolve()), "model": m.get("model"),
+                "pretrained": m.get("pretrained"), "alpha_target": m.get("alpha_target"),
+                "config_hash": m.get("config_hash"), "steps": m.get("steps"),
                 "gaps": {k: _gap_figures(summary.get(k, {})) for k in ("before", "after") if summary.get(k)}}
-        return f"local-dir:{src / 'model'}", None, info
-    if (src / "open_clip_config.json").is_file():
-        extra = _read_json(src / "open_clip_config.json").get("cmalign", {})
-        return f"local-dir:{src}", None, {"kind": "local-dir", "model_dir": str(src.resolve()),
-                                          "alpha_target": extra.get("alpha_target"),
-                                          "config_hash": extra.get("config_hash")}
-    if not src.exists():
-        raise MissingInputError(f"source not found: {src}")
-    raise MissingInputError(f"{src}: neither a `cmalign fit` run directory (RUN/model/open_clip_config.json) "
-                            "nor an open_clip local-dir model (open_clip_config.json)")
+        return source.open_clip_name, None, info
+    if source.kind == sources.MODEL:
+        return source.open_clip_name, None, {"kind": "local-dir", "model_dir": str(source.path.resolve()),
+                                             "alpha_target": source.manifest.get("alpha_target"),
+                                             "config_hash": source.manifest.get("config_hash")}
+    raise ConfigError(f"{source.path} is already an ONNX export; give the run (or model directory) it was exported "
+                      f"from: {source.manifest.get('source', {}).get('run_dir') or 'see its manifest.json'}")
 
 
 def _read_json(path: Path) -> dict:
@@ -321,7 +321,7 @@ def export_model(cfg: ExportConfig, log: Callable[[str], None] = lambda msg: Non
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
-    model_name, pretrained, provenance = resolve_source(cfg)
+    model_name, pretrained, provenance = model_source(cfg)
     log(f"loading {model_name}" + (f" ({pretrained})" if pretrained else ""))
     loaded = load_model(model_name, pretrained)
     model = loaded.model.eval()

@@ -181,10 +181,10 @@ def test_export_refuses_to_replace_without_overwrite_and_names_bad_sources(tiny_
         export_model(ExportConfig(source="whatever", out=str(tiny_export.out)))
     with pytest.raises(ValueError, match="not both or neither"):
         export_model(ExportConfig(out=str(tmp_path / "a")))
-    with pytest.raises(FileNotFoundError, match="source not found"):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
         export_model(ExportConfig(source=str(tmp_path / "nope"), out=str(tmp_path / "b")))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither a `cmalign fit` run"):
+    with pytest.raises(FileNotFoundError, match="not a cmalign run"):
         export_model(ExportConfig(source=str(tmp_path / "empty"), out=str(tmp_path / "c")))
 
 
@@ -283,4 +283,9 @@ def test_cli_exports_a_fit_run_and_a_plain_open_clip_model(base_model_dir, tmp_p
     r = runner.invoke(app, ["export", str(run), "--out", str(out)])
     assert r.exit_code == 2 and "error:" in r.output and "--overwrite" in r.output
     r = runner.invoke(app, ["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
-    assert r.exit_code == 2 and "source not found" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "no such directory" in r.output and "Traceback" not in r.output
+
+
+def test_exporting_an_export_names_the_run_to_export_instead(tiny_export, tmp_path):
+    with pytest.raises(ValueError, match="already an ONNX export; give the run"):
+        export_model(ExportConfig(source=str(tiny_export.out), out=str(tmp_path / "again")))

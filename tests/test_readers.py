@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from cmalign.data.options import ReaderOptions
 from cmalign.data.readers import TarMember, detect_format, expand_braces, read_dataset
 from cmalign.data.records import DataSchemaError, Record, load_image
+from cmalign.errors import ConfigError
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -80,7 +82,7 @@ def test_custom_columns_separator_and_image_root(tmp_path: Path) -> None:
     f.parent.mkdir()
     f.write_text("path;text\nx.png;caption here\n")
     result = read_dataset(
-        f, csv_separator=";", image_column="path", caption_column="text", image_root=str(images)
+        f, ReaderOptions(csv_separator=";", image_column="path", caption_column="text", image_root=str(images))
     )
     assert result.records[0].image == str(images / "x.png")
     assert result.records[0].caption == "caption here"
@@ -213,7 +215,7 @@ def test_coco_two_captions_per_image_share_key(tmp_path: Path) -> None:
         ],
     )
     assert detect_format(str(f)) == "coco"
-    result = read_dataset(f, image_root=str(tmp_path / "images"))
+    result = read_dataset(f, ReaderOptions(image_root=str(tmp_path / "images")))
     dog = [r for r in result.records if r.image == str(tmp_path / "images" / "1.jpg")]
     assert [r.caption for r in dog] == ["a dog", "a brown dog"]
     assert dog[0].key == dog[1].key
@@ -234,7 +236,7 @@ def test_coco_defaults_to_json_directory_for_images(tmp_path: Path) -> None:
 def test_coco_unknown_image_id_names_annotation_and_field(tmp_path: Path) -> None:
     f = coco_file(tmp_path, [{"image_id": 1, "caption": "ok"}, {"image_id": 99, "caption": "orphan"}])
     with pytest.raises(DataSchemaError) as err:
-        read_dataset(f, image_root=str(tmp_path / "images"))
+        read_dataset(f, ReaderOptions(image_root=str(tmp_path / "images")))
     assert (err.value.row, err.value.field) == ("annotations[1]", "image_id")
     assert "99" in err.value.problem
 
@@ -391,7 +393,33 @@ def test_missing_path_and_unknown_format(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         read_dataset(tmp_path / "nope.csv")
     with pytest.raises(ValueError, match="webdataset"):
-        read_dataset(tmp_path, fmt="parquet")
+        read_dataset(tmp_path, ReaderOptions(format="parquet"))
+
+
+def test_reader_options_are_checked_when_made_and_again_when_read(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="one character"):
+        ReaderOptions(csv_separator=";;")
+    options = ReaderOptions()
+    options.format = "parquet"  # configs are mutable (fit's --set sets fields): the reader checks again
+    with pytest.raises(ConfigError, match="valid formats"):
+        read_dataset(tmp_path, options)
+
+
+def test_fit_and_embed_configs_are_reader_options_with_flat_keys(tmp_path: Path) -> None:
+    """DataConfig and EmbedConfig extend ReaderOptions (flat keys: fit's TOML and config hash stay as they were)."""
+    from dataclasses import asdict, fields
+
+    from cmalign.corpus.embed import EmbedConfig
+    from cmalign.train.config import DataConfig
+
+    names = {f.name for f in fields(ReaderOptions)}
+    for cfg in (DataConfig(), EmbedConfig(export="x")):
+        assert isinstance(cfg, ReaderOptions)
+        assert {k: v for k, v in asdict(cfg).items() if k in names} == asdict(ReaderOptions())
+    make_image(tmp_path / "a.png")
+    (tmp_path / "d.txt").write_text("path;text\na.png;hello\n")
+    cfg = DataConfig(format="csv", csv_separator=";", image_column="path", caption_column="text")
+    assert [r.caption for r in read_dataset(tmp_path / "d.txt", cfg).records] == ["hello"]
 
 
 def test_compressed_shard_is_a_schema_error_with_a_hint(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from cmalign.corpus.store import (
     save_metadata,
     shard_paths,
 )
+from cmalign.data.options import ReaderOptions
 from cmalign.data.records import BadSample, Record
 from cmalign.errors import ConfigError, OutputExistsError
 from cmalign.export.prefetch import prefetch_map
@@ -38,17 +39,13 @@ GENERATED_PREFIX = "generated:"
 
 
 @dataclass
-class EmbedConfig:
+class EmbedConfig(ReaderOptions):
+    """What `cmalign embed` embeds, and how; how to read ``data`` is the inherited ReaderOptions (keywords)."""
+
     export: str
     data: str = "generated:val"  # a data file/folder in any `fit` format, or generated:train|val|test
     out: str = "emb/corpus"
     shard: str = "0/1"
-    format: str = "auto"
-    image_root: str | None = None
-    csv_separator: str | None = None
-    image_column: str = "filepath"
-    caption_column: str = "title"
-    label_column: str = "label"
     provider: str = "cpu"
     variant: str = "fp32"
     batch_size: int = 64  # images per inference batch (texts use 4x)

@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from cmalign.data import synth
+from cmalign.data.options import ReaderOptions
 from cmalign.data.readers import read_dataset
 from cmalign.data.records import BadSample, DataSchemaError, Record
 
@@ -27,11 +28,9 @@ class DataSplits:
     description: dict = field(default_factory=dict)
 
 
-def read_records(path: str, cfg) -> tuple[list[Record], list[BadSample]]:
-    """`read_dataset` with the reader options of ``cfg`` (a DataConfig, an EmbedConfig: same field names)."""
-    res = read_dataset(path, fmt=cfg.format, image_root=cfg.image_root, csv_separator=cfg.csv_separator,
-                       image_column=cfg.image_column, caption_column=cfg.caption_column,
-                       label_column=cfg.label_column)
+def read_records(path: str, options: ReaderOptions) -> tuple[list[Record], list[BadSample]]:
+    """`read_dataset`'s records and skipped samples (``options``: a DataConfig or an EmbedConfig is one)."""
+    res = read_dataset(path, options)
     return res.records, res.skipped
 
 

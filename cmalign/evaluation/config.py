@@ -4,22 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from cmalign.data.options import ReaderOptions
 from cmalign.errors import ConfigError
 from cmalign.evaluation.captioning.config import DecoderConfig
 
 TASKS = ("gap", "retrieval", "mixed", "clustering", "zeroshot", "caption")
-
-
-@dataclass
-class ReaderOptions:
-    """How to read a data file (the same names as `cmalign fit`'s data options)."""
-
-    format: str = "auto"
-    image_root: str | None = None
-    csv_separator: str | None = None
-    image_column: str = "filepath"
-    caption_column: str = "title"
-    label_column: str = "label"
 
 
 @dataclass

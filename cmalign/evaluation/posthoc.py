@@ -13,6 +13,7 @@ import numpy as np
 from scipy.linalg import orthogonal_procrustes
 
 from cmalign.errors import ConfigError
+from cmalign.metrics.vectors import l2_normalize
 
 NAMES = ("centring", "liang", "procrustes")
 DESCRIPTIONS = {
@@ -20,11 +21,6 @@ DESCRIPTIONS = {
     "liang": "Liang et al.'s shift: move both modalities along the centroid difference to its midpoint",
     "procrustes": "orthogonal Procrustes map text → image fitted on training pairs (images unchanged)",
 }
-
-
-def _normalise(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, np.float64)
-    return (a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 @dataclass
@@ -39,12 +35,12 @@ class PosthocMap:
 
     def image(self, x: np.ndarray) -> np.ndarray:
         out = np.asarray(x, np.float64) + self.image_shift
-        return _normalise(out) if self.renormalise else out
+        return l2_normalize(out) if self.renormalise else out
 
     def text(self, y: np.ndarray) -> np.ndarray:
         y = np.asarray(y, np.float64)
         out = (y @ self.text_rotation if self.text_rotation is not None else y) + self.text_shift
-        return _normalise(out) if self.renormalise else out
+        return l2_normalize(out) if self.renormalise else out
 
     def describe(self) -> dict:
         return {"name": self.name, "description": DESCRIPTIONS[self.name], "renormalise": self.renormalise}

@@ -16,18 +16,18 @@ import numpy as np
 import cmalign
 from cmalign.artifacts.atomic import atomic_dir, write_json
 from cmalign.artifacts.manifests import read_manifest_file
+from cmalign.artifacts.sources import RUN, resolve_source
 from cmalign.errors import ConfigError, OutputExistsError
 from cmalign.evaluation import encoders
 from cmalign.evaluation.captioning.tokenize import NAME as TOKENIZER_NAME
 from cmalign.evaluation.config import EvalConfig
 from cmalign.evaluation.datasets import load_eval_data
-from cmalign.evaluation.evaluators import DEFINITIONS, NEEDS_LABELS, TASK_FUNCTIONS
+from cmalign.evaluation.evaluators import definitions, evaluators_for
 from cmalign.evaluation.posthoc import fit_posthoc
 from cmalign.evaluation.system_embeddings import embed_all
 from cmalign.metrics import gap
 
 KIND = "cmalign-eval"
-GAP_MEASURES = ("raw", "centroid", "paired_residual", "mmd2", "bures", "coral", "w2", "rmg")
 
 
 @dataclass
@@ -45,16 +45,12 @@ def default_out(cfg: EvalConfig) -> Path:
 def _subject(cfg: EvalConfig, log):
     if cfg.source is not None:
         return encoders.open_source(cfg.source, "model", cfg.device, cfg.provider, cfg.variant, cfg.batch_size)
-    from cmalign.model.base import BASE_TAG, ensure_base_model
-    from cmalign.model.loading import TINY_MODEL
+    from cmalign.model.base import resolve_pretrained, wants_base_model
 
-    pretrained = cfg.pretrained
-    if cfg.model == TINY_MODEL and pretrained in (None, BASE_TAG):
+    if wants_base_model(cfg.model, cfg.pretrained):
         log("the embedded base model (built once and cached)")
-        pretrained = str(ensure_base_model() / "open_clip_model.safetensors")
-    elif pretrained == "random":
-        pretrained = None
-    return encoders.TorchEncoder(cfg.model, pretrained, "model", cfg.device, cfg.batch_size)
+    return encoders.TorchEncoder(cfg.model, resolve_pretrained(cfg.model, cfg.pretrained), "model", cfg.device,
+                                 cfg.batch_size)
 
 
 def _baseline(cfg: EvalConfig, log):
@@ -63,8 +59,9 @@ def _baseline(cfg: EvalConfig, log):
     if spec == "none":
         return None, "none requested"
     if spec in ("auto", "base"):
-        kind = encoders.source_kind(cfg.source) if cfg.source else None
-        start = encoders.run_start_model(cfg.source) if kind == "run" else None
+        source = resolve_source(cfg.source) if cfg.source else None
+        kind = source.kind if source else None
+        start = encoders.run_start_model(source) if kind == RUN else None
         if start is None:
             why = ("the source is not a fit run" if kind != "run" else
                    "the run's starting weights are not on this machine")
@@ -89,17 +86,15 @@ def _posthoc_target(cfg: EvalConfig, embedded: dict) -> str:
 
 def _run_tasks(emb, data, cfg: EvalConfig, name: str, log, progress, timings: dict) -> tuple[dict, dict]:
     results, skipped = {}, {}
-    for task in cfg.tasks:
-        if task in NEEDS_LABELS and data.eval.labels is None:
+    for evaluator in evaluators_for(cfg):
+        task = evaluator.name
+        if evaluator.needs_labels and data.eval.labels is None:
             skipped[task] = "the evaluation data has no class labels"
             continue
         log(f"{name}: {task}")
         t0 = time.perf_counter()
-        if task == "caption":
-            results[task] = TASK_FUNCTIONS[task](emb, data, cfg, progress=lambda done, total: progress(
-                f"{name}: caption decoder, epoch {done}/{total}"))
-        else:
-            results[task] = TASK_FUNCTIONS[task](emb, data, cfg)
+        results[task] = evaluator(emb, data, progress=lambda done, total, task=task: progress(
+            f"{name}: {task} epoch {done}/{total}"))
         timings[f"{name}.{task}"] = round(time.perf_counter() - t0, 2)
     return results, skipped
 
@@ -114,7 +109,7 @@ def _comparison(systems: dict, reference: str) -> dict:
         entry: dict = {}
         if "gap" in res and "gap" in ref:
             entry["gap_reduction"] = {m: gap.gap_reduction(ref["gap"][m], res["gap"][m])
-                                      for m in GAP_MEASURES if ref["gap"][m] > 0}
+                                      for m in gap.GAP_MEASURES if ref["gap"][m] > 0}
         delta = {}
         for task in ("retrieval", "mixed", "clustering", "zeroshot", "caption"):
             if task in res and task in ref:
@@ -183,7 +178,7 @@ def evaluate(cfg: EvalConfig, log=None, progress=None) -> EvalResult:
         "comparison": {"reference": reference, "systems": comparison},
         "timings_seconds": timings,
         "versions": versions(),
-        "definitions": DEFINITIONS,
+        "definitions": definitions(),
     }
     with atomic_dir(out) as tmp:
         figures = []

@@ -11,7 +11,7 @@ from cmalign.evaluation.posthoc import PosthocMap
 
 
 @dataclass
-class Embedded:
+class SystemEmbeddings:
     image: np.ndarray  # evaluation images
     text: np.ndarray  # every evaluation caption
     prompts: np.ndarray | None  # (classes, templates, d) class prompts, when labelled
@@ -23,7 +23,7 @@ class Embedded:
         """One caption per image (its first): the pairs the gap measures use."""
         return self.text[np.unique(data.eval.caption_image, return_index=True)[1]]
 
-    def mapped(self, fix: PosthocMap) -> Embedded:
+    def mapped(self, fix: PosthocMap) -> SystemEmbeddings:
         return replace(self, image=fix.image(self.image), text=fix.text(self.text),
                        prompts=None if self.prompts is None else fix.text(
                            self.prompts.reshape(-1, self.prompts.shape[-1])).reshape(self.prompts.shape),
@@ -34,7 +34,7 @@ class Embedded:
         return self.fit_image[data.fit.caption_image], self.fit_text
 
 
-def embed_all(encoder, data: EvalData, log=None) -> Embedded:
+def embed_all(encoder, data: EvalData, log=None) -> SystemEmbeddings:
     say = log or (lambda _msg: None)
     say(f"{encoder.label}: {len(data.eval.images)} images, {len(data.eval.captions)} captions")
     image = encoder.encode_images(data.eval.images)
@@ -48,4 +48,4 @@ def embed_all(encoder, data: EvalData, log=None) -> Embedded:
     say(f"{encoder.label}: fit set, {len(data.fit.images)} images, {len(data.fit.captions)} captions")
     fit_image = encoder.encode_images(data.fit.images)
     fit_text = encoder.encode_texts(data.fit.captions)
-    return Embedded(image, text, prompts, classes, fit_image, fit_text)
+    return SystemEmbeddings(image, text, prompts, classes, fit_image, fit_text)

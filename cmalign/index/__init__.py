@@ -1,20 +1,37 @@
 """The joint image+text FAISS index: vectors in, build, load + search, extend, index choice and tuning.
 
-The names below are loaded on first use, so ``import cmalign.index`` costs nothing until one is needed.
-"""
+    vectors.py        embeddings directories in: checked, normalised vectors and id-table rows
+    choice.py         `--factory auto`: which index for a corpus size and memory budget
+    tuning.py         search knobs (nprobe, efSearch, k_factor) tuned for a recall target
+    build.py          `cmalign index`: build, train, fill, tune, write (also on disk)
+    extend.py         `cmalign index-add`: grow an index with new embeddings of the same export
+    joint.py          the loaded index: filtered search, hits as id-table rows
+    searcher.py       `cmalign search`: text/image queries encoded by the index's export
+    directory.py      the index directory's files, manifest and id table
+    faiss_backend.py  importing faiss, threads, GPUs, wrapped sub-indexes
+    errors.py         what the index stage raises
 
-from importlib import import_module
+Public names load on first use (faiss is imported only when one is needed)."""
+
+from cmalign._lazy import lazy_exports
 
 _EXPORTS = {
-    "IndexConfig": "cmalign.index.joint", "IndexResult": "cmalign.index.joint", "build_index": "cmalign.index.joint",
-    "load_index": "cmalign.index.joint", "JointIndex": "cmalign.index.joint", "Hit": "cmalign.index.joint",
-    "add_to_index": "cmalign.index.joint", "read_index_manifest": "cmalign.index.joint",
-    "SearchConfig": "cmalign.index.searcher", "Searcher": "cmalign.index.searcher", "search": "cmalign.index.searcher",
+    "IndexConfig": "cmalign.index.build",
+    "IndexResult": "cmalign.index.build",
+    "build_index": "cmalign.index.build",
+    "add_to_index": "cmalign.index.extend",
+    "load_index": "cmalign.index.joint",
+    "JointIndex": "cmalign.index.joint",
+    "Hit": "cmalign.index.joint",
+    "read_index_manifest": "cmalign.index.directory",
+    "SearchConfig": "cmalign.index.searcher",
+    "Searcher": "cmalign.index.searcher",
+    "search": "cmalign.index.searcher",
+    "IndexBuildError": "cmalign.index.errors",
+    "IndexFormatError": "cmalign.index.errors",
+    "ExportMismatchError": "cmalign.index.errors",
+    "GpuUnavailableError": "cmalign.index.errors",
+    "IndexChoiceError": "cmalign.index.errors",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'cmalign.index' has no attribute '{name}'")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

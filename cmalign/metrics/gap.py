@@ -376,6 +376,9 @@ class GapReport:
         return asdict(self)
 
 
+GAP_MEASURES = ("raw", "centroid", "paired_residual", "mmd2", "bures", "coral", "w2", "rmg")  # GapReport's measures
+
+
 def gap_report(
     x,
     y,

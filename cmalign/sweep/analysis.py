@@ -12,8 +12,8 @@ import numpy as np
 from scipy.stats import linregress
 
 from cmalign.errors import ConfigError
+from cmalign.metrics.gap import GAP_MEASURES
 
-GAP_MEASURES = ("raw", "centroid", "paired_residual", "mmd2", "bures", "coral", "w2", "rmg")
 # (key in a row's "metrics", label)
 TASK_METRICS = (
     ("clustering.kmeans_ari", "joint KMeans ARI"),

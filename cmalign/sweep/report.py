@@ -8,7 +8,8 @@ from pathlib import Path
 from cmalign.artifacts.atomic import atomic_write
 from cmalign.evaluation.figures import pyplot
 from cmalign.evaluation.report import markdown_table
-from cmalign.sweep.analysis import GAP_MEASURES, TASK_METRICS, pareto_front, r_squared
+from cmalign.metrics.gap import GAP_MEASURES
+from cmalign.sweep.analysis import TASK_METRICS, pareto_front, r_squared
 
 R2_GAPS = ("raw", "centroid", "mmd2", "bures", "coral", "rmg")
 PAPER_R2 = "the paper reports R²(distribution gap) = 0.986 against R²(raw gap) = 0.691"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import cmalign
 from cmalign.artifacts.atomic import write_json
+from cmalign.artifacts.sources import run_finished
 from cmalign.errors import CmalignError
 from cmalign.sweep.analysis import flatten, r2_table, recommend
 from cmalign.sweep.config import SweepConfig
@@ -90,13 +91,6 @@ def eval_config(cfg: SweepConfig, source: str | None, out: Path, **kw):
 # --------------------------------------------------------------------------- one job
 
 
-def _run_done(run_dir: Path, config_hash: str) -> bool:
-    manifest = run_dir / "manifest.json"
-    if not (run_dir / "model" / "open_clip_config.json").is_file() or not manifest.is_file():
-        return False
-    return json.loads(manifest.read_text()).get("config_hash") == config_hash
-
-
 def _eval_done(eval_dir: Path, config_hash: str | None) -> bool:
     path = eval_dir / "metrics.json"
     if not path.is_file():
@@ -108,14 +102,15 @@ def _eval_done(eval_dir: Path, config_hash: str | None) -> bool:
 def _fit_job(cfg: SweepConfig, spec: RunSpec, out: Path, threads: int) -> dict:
     """Fit (or resume, or keep) one run, then evaluate it; returns what happened."""
     from cmalign.evaluation import evaluate
-    from cmalign.train.loop import RunDir, fit, load_checkpoint_state
+    from cmalign.train.loop import fit
+    from cmalign.train.run_dir import RunDir, load_checkpoint_state
 
     run_dir, eval_dir = out / "runs" / spec.name, out / "evals" / spec.name
     fcfg = fit_config(cfg, spec, run_dir, threads)
     h = fcfg.hash()
     did = {"name": spec.name}
     t0 = time.perf_counter()
-    if not _run_done(run_dir, h):
+    if not run_finished(run_dir, h):
         state = load_checkpoint_state(RunDir(run_dir)) if run_dir.exists() else None
         resume = state is not None and state.get("config_hash") == h
         if not resume and run_dir.exists():

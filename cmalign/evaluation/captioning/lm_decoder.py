@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from cmalign.errors import ConfigError, MissingDependencyError, MissingInputError
-from cmalign.evaluation.captioning.decoder import DecoderConfig, TrainedDecoder, _teacher_forcing, fit_decoder
+from cmalign.evaluation.captioning.config import DecoderConfig
+from cmalign.evaluation.captioning.training import TrainedDecoder, fit_decoder, teacher_forcing
 
 
 class LanguageModelPrefix(nn.Module):
@@ -45,7 +46,8 @@ def load_language_model(path: str):
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
-        raise MissingDependencyError("a language-model caption decoder needs transformers: pip install 'cmalign[lm]'") from e
+        raise MissingDependencyError(
+            "a language-model caption decoder needs transformers: pip install 'cmalign[lm]'") from e
     if not Path(path).is_dir():
         raise MissingInputError(f"language model directory not found: {path} (a local save_pretrained directory; "
                                 "nothing is downloaded)")
@@ -65,7 +67,7 @@ def train_lm_decoder(embeddings: np.ndarray, captions: list[str], cfg: DecoderCo
     model = LanguageModelPrefix(lm, emb.shape[1], cfg.prefix_length).to(cfg.device)
     groups = [{"params": model.prefix.parameters(), "lr": cfg.lr},
               {"params": model.lm.parameters(), "lr": cfg.language_model_lr}]
-    history = fit_decoder(model, groups, emb, _teacher_forcing(ids, start=eos, eos=eos, pad=eos), cfg, progress)
+    history = fit_decoder(model, groups, emb, teacher_forcing(ids, start=eos, eos=eos, pad=eos), cfg, progress)
 
     def decode(row: list[int]) -> str:
         row = row[: row.index(eos)] if eos in row else row

@@ -1,0 +1,71 @@
+"""The command-line skin: commands in pipeline order, a user's mistake as one `error:` line, a bug with its traceback."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cmalign.cli.errors import reports_errors
+from cmalign.cli.main import app
+from cmalign.errors import CmalignError, ConfigError
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands_in_pipeline_order():
+    r = runner.invoke(app, ["--help"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    commands = r.output[r.output.index("Commands"):]
+    listed = re.findall(r"^│ ([a-z-]+) ", commands, flags=re.M)
+    assert listed == ["fit", "export", "embed", "embed-merge", "index", "index-add", "search", "eval", "sweep",
+                      "data"]
+
+
+def _app_raising(exc: Exception) -> typer.Typer:
+    demo = typer.Typer()
+
+    @demo.command()
+    @reports_errors
+    def go(name: str = "x"):
+        raise exc
+
+    @demo.command()
+    def other():  # a second command makes typer keep `go` as a subcommand
+        pass
+
+    return demo
+
+
+def test_a_cmalign_error_is_one_error_line_with_exit_status_2():
+    r = runner.invoke(_app_raising(ConfigError("--k must be positive, got -1")), ["go"])
+    assert r.exit_code == 2
+    assert "error: --k must be positive, got -1" in r.output and "Traceback" not in r.output
+
+
+def test_any_other_exception_is_a_bug_and_keeps_its_traceback():
+    r = runner.invoke(_app_raising(KeyError("internal")), ["go"])
+    assert r.exit_code == 1 and isinstance(r.exception, KeyError)  # not turned into a user error
+    assert "error:" not in r.output
+
+
+def test_every_command_reports_errors_through_the_one_wrapper():
+    from cmalign.cli.main import app as main_app
+
+    for command in main_app.registered_commands:
+        assert getattr(command.callback, "__wrapped__", None) is not None, command.name
+
+
+def test_a_real_user_error_through_the_cli_and_debug_shows_its_traceback(tmp_path):
+    r = runner.invoke(app, ["search", str(tmp_path / "missing"), "--text", "a red circle"])
+    assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["--debug", "search", str(tmp_path / "missing"), "--text", "a red circle"])
+    assert r.exit_code == 1 and isinstance(r.exception, CmalignError)
+
+
+@pytest.mark.parametrize("name", ["fit", "export", "embed", "index", "search", "eval", "sweep"])
+def test_each_command_has_help(name):
+    r = runner.invoke(app, [name, "--help"], terminal_width=200)
+    assert r.exit_code == 0 and "Usage:" in r.output
