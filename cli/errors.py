@@ -11,9 +11,13 @@ import functools
 
 import typer
 
-from cmalign.errors import CmalignError
+from cmalign.errors import CmalignError, MissingDependencyError
 
 DEBUG = False  # set by the root `--debug` option
+# Dependencies of the training and evaluation commands that a production (runtime-only) environment may lack:
+# missing one is an install problem the user fixes, not a bug in cmalign.
+OPTIONAL_STACK = {"torch", "torchvision", "open_clip", "sklearn", "hdbscan", "matplotlib", "pycocoevalcap", "onnx",
+                  "onnxscript", "faiss", "onnxruntime"}
 
 
 def fail(e: Exception):
@@ -36,5 +40,11 @@ def reports_errors(command):
             if DEBUG:
                 raise
             fail(e)
+        except ModuleNotFoundError as e:
+            if DEBUG or (e.name or "").split(".")[0] not in OPTIONAL_STACK:
+                raise
+            fail(MissingDependencyError(
+                f"this command needs the Python package '{e.name}', which is not installed here; install cmalign "
+                "with everything (see the README's Install section: pip install -e '.[cpu]' or '.[gpu]')"))
 
     return run

@@ -4,16 +4,12 @@ Importing this package (and :func:`load_export`) never imports torch; :func:`exp
 and is loaded on first use so that production code can depend on the runtime alone.
 """
 
+from cmalign._lazy import lazy_exports
 from cmalign.export.manifest import ExportFormatError, read_manifest
 from cmalign.export.runtime import ExportedModel, ProviderUnavailableError, load_export
 
+_EXPORTS = {name: "cmalign.export.onnx_export" for name in ("export_model", "ExportConfig", "ExportResult",
+                                                            "ParityError")}
 __all__ = ["ExportedModel", "ExportFormatError", "ProviderUnavailableError", "load_export", "read_manifest",
-           "export_model", "ExportConfig", "ParityError"]
-
-
-def __getattr__(name):
-    if name in ("export_model", "ExportConfig", "ExportResult", "ParityError"):
-        from cmalign.export import onnx_export
-
-        return getattr(onnx_export, name)
-    raise AttributeError(f"module 'cmalign.export' has no attribute '{name}'")
+           *_EXPORTS]
+__getattr__ = lazy_exports(__name__, _EXPORTS)

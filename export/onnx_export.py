@@ -23,10 +23,10 @@ import onnx
 import torch
 
 import cmalign
+import cmalign.export.manifest as mf
 from cmalign.artifacts import sources
 from cmalign.artifacts.atomic import atomic_dir, write_json
 from cmalign.errors import CmalignError, ConfigError, MissingInputError, OutputExistsError
-from cmalign.export import manifest as mf
 from cmalign.export.preprocess import ImagePreprocessor, save_preprocess
 from cmalign.export.runtime import default_optimization, make_session
 from cmalign.export.tokenizer import ClipTokenizer, save_tokenizer

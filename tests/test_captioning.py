@@ -1,21 +1,12 @@
 """The caption-prefix protocol's parts: tokenisation, CIDEr-D/BLEU-4 scoring, the prefix decoder and ClipCap."""
 
-import numpy as np
 import pytest
 from helpers.tiny_lm import tiny_local_gpt2
+from helpers.unit_vectors import random_unit
 
 from cmalign.evaluation.captioning.decoder import DecoderConfig, train_decoder
 from cmalign.evaluation.captioning.scores import caption_scores
 from cmalign.evaluation.captioning.tokenize import tokenize, tokenize_caption
-
-
-def _unit(a):
-    a = np.asarray(a, np.float64)
-    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
-
-
-def _rng_unit(n, d, seed=0):
-    return _unit(np.random.default_rng(seed).normal(size=(n, d)))
 
 
 def test_tokenizer_follows_ptb_on_captions():
@@ -44,7 +35,7 @@ def test_caption_scores_check_their_inputs():
 
 def test_prefix_decoder_learns_to_reconstruct_captions():
     captions = ["a red circle", "two blue squares", "one green star on white", "a yellow ring"]
-    emb = _rng_unit(4, 16)
+    emb = random_unit(4, 16)
     cfg = DecoderConfig(width=64, layers=1, heads=2, epochs=150, batch_size=4, lr=3e-3, dropout=0.0)
     dec = train_decoder(emb, captions, cfg)
     assert dec.history[-1] < dec.history[0]
@@ -58,7 +49,7 @@ def test_prefix_decoder_learns_to_reconstruct_captions():
 def test_clipcap_with_a_local_language_model(tmp_path):
     captions = ["a red circle", "two blue squares", "one green star on white", "a yellow ring"]
     lm = tiny_local_gpt2(tmp_path / "gpt2", captions)
-    emb = _rng_unit(4, 16)
+    emb = random_unit(4, 16)
     cfg = DecoderConfig(language_model=str(lm), language_model_lr=3e-3, lr=3e-3, epochs=120, batch_size=4,
                         dropout=0.0, prefix_length=2)
     dec = train_decoder(emb, captions, cfg)

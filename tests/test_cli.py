@@ -69,3 +69,19 @@ def test_a_real_user_error_through_the_cli_and_debug_shows_its_traceback(tmp_pat
 def test_each_command_has_help(name):
     r = runner.invoke(app, [name, "--help"], terminal_width=200)
     assert r.exit_code == 0 and "Usage:" in r.output
+
+
+def test_a_training_command_without_torch_says_what_to_install(tmp_path):
+    """On a runtime-only environment, `fit` is an install problem: one line naming the missing package."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "sitecustomize.py").write_text('import sys\nsys.modules["torch"] = None\n')
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "cmalign"), "fit", "--steps", "1", "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "error: this command needs the Python package 'torch'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -2,23 +2,15 @@
 
 import numpy as np
 import pytest
+from helpers.unit_vectors import random_unit, unit
 
 from cmalign.metrics.clustering import joint_clustering
 from cmalign.metrics.retrieval import retrieval_metrics
 from cmalign.metrics.zeroshot import class_weights, zero_shot_accuracy
 
 
-def _unit(a):
-    a = np.asarray(a, np.float64)
-    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
-
-
-def _rng_unit(n, d, seed=0):
-    return _unit(np.random.default_rng(seed).normal(size=(n, d)))
-
-
 def test_perfect_retrieval_scores_one():
-    x = _rng_unit(40, 16)
+    x = random_unit(40, 16)
     caption_image = np.repeat(np.arange(40), 3)
     m = retrieval_metrics(x, x[caption_image], caption_image)
     assert m["i2t_R@1"] == 1.0 and m["t2i_R@1"] == 1.0
@@ -29,7 +21,7 @@ def test_perfect_retrieval_scores_one():
 def test_retrieval_counts_any_caption_and_known_ranks():
     img = np.eye(3, dtype=np.float32)
     # image 0's captions: one orthogonal, one exact -> hit at 1; image 1's only caption leans to image 2
-    txt = _unit([[0, 0, 1.0], [1, 0, 0], [0, 0.1, 1], [0, 0, 1]])
+    txt = unit([[0, 0, 1.0], [1, 0, 0], [0, 0.1, 1], [0, 0, 1]])
     caption_image = np.array([0, 0, 1, 2])
     m = retrieval_metrics(img, txt, caption_image, ks=(1, 2))
     # t2i: caption 2 ranks image 1 second (image 2 first); the others rank their image first... except caption 0
@@ -41,7 +33,7 @@ def test_retrieval_counts_any_caption_and_known_ranks():
 
 
 def test_exact_ties_score_their_expectation_not_index_order():
-    x = _unit([[1.0, 0], [0, 1.0]])
+    x = unit([[1.0, 0], [0, 1.0]])
     # two images share one caption text: both captions tie for image 0
     txt = np.stack([x[0], x[0]])
     m = retrieval_metrics(x, txt, np.array([0, 1]))
@@ -54,9 +46,9 @@ def test_exact_ties_score_their_expectation_not_index_order():
 
 def test_retrieval_rejects_an_image_without_captions():
     with pytest.raises(ValueError, match="every image needs at least one caption"):
-        retrieval_metrics(_rng_unit(3, 4), _rng_unit(2, 4), np.array([0, 0]))
+        retrieval_metrics(random_unit(3, 4), random_unit(2, 4), np.array([0, 0]))
     with pytest.raises(ValueError, match="index the 3 images"):
-        retrieval_metrics(_rng_unit(3, 4), _rng_unit(2, 4), np.array([0, 5]))
+        retrieval_metrics(random_unit(3, 4), random_unit(2, 4), np.array([0, 5]))
 
 
 def _class_clouds(n_per=30, classes=4, d=16, offset=None, seed=0):
@@ -67,7 +59,7 @@ def _class_clouds(n_per=30, classes=4, d=16, offset=None, seed=0):
     txt = img + 0.05 * rng.normal(size=img.shape)
     if offset is not None:
         txt = txt + offset
-    return _unit(img), _unit(txt), labels
+    return unit(img), unit(txt), labels
 
 
 def test_identical_class_clusters_give_ari_one():

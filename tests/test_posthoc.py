@@ -2,24 +2,16 @@
 
 import numpy as np
 import pytest
+from helpers.unit_vectors import random_unit, unit
 
 from cmalign.evaluation.posthoc import fit_posthoc, parse_posthoc
 from cmalign.metrics import gap
 
 
-def _unit(a):
-    a = np.asarray(a, np.float64)
-    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
-
-
-def _rng_unit(n, d, seed=0):
-    return _unit(np.random.default_rng(seed).normal(size=(n, d)))
-
-
 def test_mean_centring_closes_the_centroid_gap_but_not_the_distribution_gap():
     rng = np.random.default_rng(1)
-    x = _rng_unit(300, 8, seed=2)
-    y = _unit(x * np.array([1, 1, 1, 1, 0.3, 0.3, 0.3, 0.3]) + 0.2 * rng.normal(size=x.shape) + 1.5)
+    x = random_unit(300, 8, seed=2)
+    y = unit(x * np.array([1, 1, 1, 1, 0.3, 0.3, 0.3, 0.3]) + 0.2 * rng.normal(size=x.shape) + 1.5)
     fix = fit_posthoc("centring", x, y, renormalise=False)
     xc, yc = fix.image(x), fix.text(y)
     assert gap.centroid_gap(x, y) > 0.5
@@ -31,8 +23,8 @@ def test_mean_centring_closes_the_centroid_gap_but_not_the_distribution_gap():
 
 
 def test_liang_shift_meets_in_the_middle_and_procrustes_finds_a_rotation():
-    x = _rng_unit(200, 6, seed=3)
-    y = _unit(x + np.array([0.8, 0, 0, 0, 0, 0]))
+    x = random_unit(200, 6, seed=3)
+    y = unit(x + np.array([0.8, 0, 0, 0, 0, 0]))
     liang = fit_posthoc("liang", x, y, renormalise=False)
     np.testing.assert_allclose(liang.image(x).mean(0), liang.text(y).mean(0), atol=1e-12)
     rotation, _ = np.linalg.qr(np.random.default_rng(4).normal(size=(6, 6)))
