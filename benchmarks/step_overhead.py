@@ -24,7 +24,7 @@ import torch
 from cmalign.model.loading import load_model, param_groups
 from cmalign.objective.cma_loss import CMAConfig, CMALoss
 from cmalign.objective.grad_scheduler import GradScheduler, GradSchedulerConfig
-from cmalign.train.loop import TPCCMAStep
+from cmalign.objective.step import TPCCMAStep
 
 
 def main():

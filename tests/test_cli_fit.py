@@ -214,3 +214,23 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert "step 6" in msg and "nan" in msg.lower() and "step_00000004.pt" in msg  # steps count from 1, as logged
     assert (tmp_path / "run" / "checkpoints" / "step_00000004.pt").exists()
     assert not (tmp_path / "run" / "model").exists()  # no model from a diverged run
+
+
+def test_plain_progress_says_at_which_step_the_guard_figures_were_measured(tmp_path):
+    """Without a terminal fit prints plain lines; guard figures (measured every --guard-every steps) carry their step,
+    so a line between two evaluations does not pass old figures off as the current model's."""
+    import re
+
+    args = [a for a in FAST_FIT if a != "--quiet"]  # progress on; CliRunner's console is not a terminal
+    res = runner.invoke(app, ["fit", *args, "--steps", "6", "--guard-every", "2", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    lines = dict(re.findall(r"step (\d)/6 (.*?)(?= step \d/6 |validation|$)", text))
+    assert sorted(lines) == ["1", "2", "3", "4", "5", "6"], text
+    assert "R@1" not in lines["1"]  # nothing measured yet
+    found = {s: re.search(r"R@1 \S+ gap \S+ @step (\d)", lines[s]) for s in "23456"}
+    assert all(found.values()), lines
+    assert {s: m.group(1) for s, m in found.items()} == {"2": "2", "3": "2", "4": "4", "5": "4", "6": "4"}
+    guards = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "guard"]
+    assert guards == [2, 4]

@@ -1,12 +1,24 @@
-"""fit's configuration (cmalign.train.config): defaults, TOML files, dotted overrides, round trip, hash."""
+"""fit's configuration (cmalign.train.config): defaults, TOML files, dotted overrides, round trip, hash, and the
+configs and hashes of runs written before the package re-layout."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from cmalign.train.config import FitConfig, apply_overrides, load_config, to_toml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# Written by the code before the re-layout (see generate.py there): existing runs and sweeps depend on these.
+PRE_MOVE = Path(__file__).parent / "fixtures" / "pre_move"
+PRE_MOVE_HASHES = json.loads((PRE_MOVE / "hashes.json").read_text())
 
 
 def write(tmp_path: Path, text: str, name: str = "cfg.toml") -> Path:
@@ -209,3 +221,28 @@ def test_learning_rate_default_depends_on_the_model() -> None:
     assert load_config().optim.lr == 2e-4  # the embedded tiny model
     assert load_config(None, {"model.name": "ViT-B-32"}).optim.lr == 1e-5  # a pretrained CLIP
     assert load_config(None, {"model.name": "ViT-B-32", "optim.lr": "3e-5"}).optim.lr == 3e-5
+
+
+@pytest.mark.parametrize("name, toml_file", [("default", "default.toml"), ("custom", "custom.toml"),
+                                             ("sweep_a0.5", "sweep_a0.5.toml"), ("run", "run_config.toml")])
+def test_config_written_before_the_relayout_loads_with_its_hash_and_keys(name: str, toml_file: str) -> None:
+    """A RUN/config.toml of the old code loads, hashes as the old code hashed it (resume compares the two),
+    and is written back with the same keys and values."""
+    path = PRE_MOVE / toml_file
+    cfg = load_config(path)
+    assert cfg.hash() == PRE_MOVE_HASHES[name]
+    assert tomllib.loads(to_toml(cfg)) == tomllib.loads(path.read_text())
+
+
+def test_defaults_hash_as_before_the_relayout() -> None:
+    assert FitConfig().resolve_defaults().hash() == PRE_MOVE_HASHES["default"]
+
+
+def test_sweep_runs_keep_the_identity_they_had_before_the_relayout() -> None:
+    """A sweep keeps (or resumes) a run whose manifest/checkpoint hash equals the fit config it derives now."""
+    from cmalign.sweep.config import SweepConfig
+    from cmalign.sweep.run import RunSpec, fit_config
+
+    cfg = fit_config(SweepConfig(steps=50, fit_overrides={"optim.lr": "1e-3"}), RunSpec("a0.5", 0.5, {}, "alpha"),
+                     Path("sweeps/default/runs/a0.5"))
+    assert cfg.hash() == PRE_MOVE_HASHES["sweep_a0.5"]

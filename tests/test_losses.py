@@ -158,6 +158,17 @@ def test_bures2_has_finite_gradients() -> None:
     assert xt.grad.abs().sum() > 0
 
 
+def test_bures_term_has_finite_gradients_when_batch_is_smaller_than_dim() -> None:
+    """A batch smaller than the embedding width gives rank-deficient covariances (zero eigenvalues)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(16, 128, generator=g), dim=-1).requires_grad_(True)
+    y = torch.nn.functional.normalize(torch.randn(16, 128, generator=g) + 0.3, dim=-1).requires_grad_(True)
+    out = CMALoss(CMAConfig(distribution="bures"))(x, y, torch.tensor(100.0), alpha=0.5)
+    out["total"].backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
+    assert out["distribution"].item() > 0
+
+
 # ------------------------------------------------------------------ CMALoss
 
 

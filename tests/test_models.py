@@ -1,4 +1,5 @@
-"""Model loading: checkpoint files of both kinds, clear errors, local-dir round trip."""
+"""Model loading: checkpoint files of both kinds, clear errors, local-dir round trip, which models fit trains,
+what `--pretrained` resolves to."""
 
 import pytest
 import torch
@@ -68,3 +69,41 @@ def test_last_n_blocks(tiny):
     with pytest.raises(ValueError, match="must be one of"):
         select_trainable(tiny.model, "everything")
     select_trainable(tiny.model, "all")
+
+
+def test_only_softmax_contrastive_models_are_trained(tiny):
+    """TPC-CMA builds on open_clip's softmax ClipLoss: SigLIP (sigmoid + logit_bias) and CoCa are refused."""
+    from cmalign.errors import ConfigError
+    from cmalign.model.loading import require_softmax_clip
+
+    model = tiny.model
+    require_softmax_clip(model, "cmalign-tiny")  # plain CLIP is fine
+    model.logit_bias = torch.nn.Parameter(torch.zeros(1))
+    try:
+        with pytest.raises(ConfigError, match="SigLIP"):
+            require_softmax_clip(model, "some-siglip")
+    finally:
+        model.logit_bias = None
+    coca = type("CoCa", (torch.nn.Module,), {})()
+    with pytest.raises(ConfigError, match="CoCa"):
+        require_softmax_clip(coca, "coca_ViT-B-32")
+
+
+def test_pretrained_resolution_shared_by_fit_and_eval(tmp_path, monkeypatch):
+    """One rule for what `--pretrained` means: cmalign-tiny's default is the embedded base, `random` is none."""
+    from cmalign.errors import ConfigError
+    from cmalign.model import base
+
+    built = []
+    monkeypatch.setattr(base, "ensure_base_model", lambda console=None: built.append(1) or tmp_path)
+    weights = str(tmp_path / "open_clip_model.safetensors")
+    assert base.resolve_pretrained("cmalign-tiny", None) == weights
+    assert base.resolve_pretrained("cmalign-tiny", base.BASE_TAG) == weights
+    assert len(built) == 2
+    assert base.resolve_pretrained("cmalign-tiny", "random") is None
+    assert base.resolve_pretrained("ViT-B-32", None) is None
+    assert base.resolve_pretrained("ViT-B-32", "openai") == "openai"
+    assert base.resolve_pretrained("cmalign-tiny", "w.pt") == "w.pt"
+    with pytest.raises(ConfigError, match="embedded base of cmalign-tiny"):
+        base.resolve_pretrained("ViT-B-32", base.BASE_TAG)
+    assert len(built) == 2

@@ -1,19 +1,27 @@
-"""Kill -9 in the middle of a fit, --resume, and the final weights equal an uninterrupted run's."""
+"""Resuming a fit: after a kill -9 the final weights equal an uninterrupted run's; a run directory written before the
+package re-layout still resumes; the log of skipped samples survives a resume without duplicates."""
 
 import json
 import os
+import pickletools
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 from conftest import FAST_FIT
 from safetensors.torch import load_file
 
+from cmalign.train.run_dir import RunDir
+
+PRE_MOVE = Path(__file__).parent / "fixtures" / "pre_move"
+
 ARGS = FAST_FIT + ["--steps", "24", "--checkpoint-every", "8", "--alpha-target", "0.5", "--lr", "1e-3"]
 
 
-def _fit(out, *extra, env_extra=None):
+def _fit(out, *extra, env_extra=None, args=ARGS):
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "cmalign.cli.main", "fit", *ARGS, "--out", str(out), *extra],
+    return subprocess.run([sys.executable, "-m", "cmalign.cli.main", "fit", *args, "--out", str(out), *extra],
                           env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -67,3 +75,60 @@ def test_refuses_to_overwrite_a_run(tmp_path):
     again = _fit(tmp_path / "run")
     assert again.returncode == 2
     assert "already holds a run" in again.stderr
+
+
+def test_run_directory_written_before_the_relayout_resumes(tmp_path):
+    """The pre-move code's RUN/config.toml, and a checkpoint recording the hash the pre-move code computed for it:
+    `fit --resume` takes the run's own config.toml, finds the same hash, and finishes the run."""
+    old = json.loads((PRE_MOVE / "hashes.json").read_text())
+    run = tmp_path / "run"
+    # the run's checkpoint (step 2 of 4), written by a run of that config killed at step 3
+    first = _fit(run, "--config", str(PRE_MOVE / "run_config.toml"), "--quiet", args=[],
+                 env_extra={"CMALIGN_FAULT_KILL_AT_STEP": "3"})
+    assert first.returncode == -9, first.stderr[-2000:]
+    (run / "config.toml").write_text((PRE_MOVE / "run_config.toml").read_text())  # byte for byte the old file
+    import torch
+
+    (ckpt,) = (run / "checkpoints").glob("step_*.pt")
+    # unpickling imports only torch/numpy/builtins: moving cmalign's modules cannot break a checkpoint
+    refs = _pickled_globals(ckpt)
+    assert any(r.startswith("torch.") for r in refs) and not [r for r in refs if r.startswith("cmalign")]
+    state = torch.load(ckpt, weights_only=False)
+    assert sorted(state) == old["run_checkpoint_keys"]  # what the pre-move trainer put in a checkpoint
+    state["config_hash"] = old["run"]
+    torch.save(state, ckpt)
+
+    resumed = _fit(run, "--resume", "--quiet", args=[])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config_hash"] == old["run"] and manifest["steps"] == 4  # what a sweep recognises a run by
+
+
+def _pickled_globals(path) -> set[str]:
+    """Module.name of every class or function a torch.save file refers to (what unpickling must import)."""
+    with zipfile.ZipFile(path) as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    found, strings = set(), []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == "GLOBAL":
+            found.add(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            found.add(".".join(strings[-2:]))
+        if isinstance(arg, str):
+            strings.append(arg)
+    return found
+
+
+def test_resume_lists_each_bad_sample_once(tmp_path):
+    run = RunDir(tmp_path)
+    rows = [{"source": s, "field": "image", "reason": "x"} for s in ("a.csv:2", "a.csv:3", "a.csv:9", "a.csv:2")]
+    # a kill -9 can tear the last line mid-write
+    run.bad.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"source": "a.csv:1')
+    seen = run.listed_bad(0)
+    assert seen == {"a.csv:2", "a.csv:3", "a.csv:9"}
+    assert run.add_bad(0, [{"source": "a.csv:3", "field": "image", "reason": "x"},
+                           {"source": "a.csv:10", "field": "image", "reason": "x"}], seen) == 1
+    listed = [json.loads(x)["source"] for x in run.bad.read_text().splitlines()]
+    assert listed == ["a.csv:2", "a.csv:3", "a.csv:9", "a.csv:10"]
+    assert run.bad_file(1).name == "bad_samples.rank1.jsonl"
+    assert run.listed_bad(1) == set()

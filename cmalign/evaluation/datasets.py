@@ -5,17 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cmalign.data import synth
+from cmalign.data.pair_set import PairSet
 from cmalign.data.splits import DEFAULT_CLASS_TEMPLATES, held_out_keys, read_records
 from cmalign.errors import ConfigError
-from cmalign.train.guard import GuardSet
 
 ALL = 10**12
 
 
 @dataclass
 class EvalData:
-    eval: GuardSet  # images, all their captions, labels, class templates
-    fit: GuardSet  # training images and captions
+    eval: PairSet  # images, all their captions, labels, class templates
+    fit: PairSet  # training images and captions
     description: dict
     notes: list[str]
 
@@ -56,8 +56,8 @@ def load_eval_data(cfg) -> EvalData:
                          f"{cfg.fit_share:.0%} of the images of {cfg.data}, and every task evaluated on the rest")
     if cfg.templates:
         templates = tuple(cfg.templates)
-    eval_set = GuardSet.from_records(eval_records, templates, max_images=cfg.max_images or ALL)
-    fit_set = GuardSet.from_records(fit_records, templates, max_images=cfg.fit_images)
+    eval_set = PairSet.from_records(eval_records, templates, max_images=cfg.max_images or ALL)
+    fit_set = PairSet.from_records(fit_records, templates, max_images=cfg.fit_images)
     for name, s in (("evaluation", eval_set), ("fit", fit_set)):
         if s.dropped:
             notes.append(f"{len(s.dropped)} unreadable {name} image(s) left out (first: {s.dropped[0]})")

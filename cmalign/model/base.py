@@ -8,6 +8,13 @@ and excluded from weight decay. The result is a plain open_clip ``local-dir:`` m
 
 Cache: ``$CMALIGN_CACHE`` or ``~/.cache/cmalign``, one directory per recipe hash, built under a
 file lock so parallel processes (DDP ranks, test workers) build it once.
+
+:func:`resolve_pretrained` is the one place that turns a ``--pretrained`` value (the ``cmalign-base`` tag,
+``random``, or none) into what open_clip loads; fit and eval both use it.
+
+Building the base *is* a fit run, so :func:`_train` calls the trainer, and the trainer calls
+:func:`resolve_pretrained`: the one deliberate import circle of the package, closed by a function-local
+import in :func:`_train` (at load time this module imports neither torch nor the trainer).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from cmalign.errors import ConfigError
 
 BASE_TAG = "cmalign-base"
 RECIPE = {
@@ -64,7 +73,28 @@ def ensure_base_model(recipe: dict = RECIPE, console=None) -> Path:
     return out
 
 
+def wants_base_model(name: str, pretrained: str | None) -> bool:
+    """Whether ``name`` with ``pretrained`` means the embedded base (cmalign-tiny's default weights)."""
+    return name == RECIPE["model"] and pretrained in (None, BASE_TAG)
+
+
+def resolve_pretrained(name: str, pretrained: str | None, console=None) -> str | None:
+    """What to pass open_clip as ``pretrained`` for ``--model name --pretrained pretrained``.
+
+    cmalign-tiny without a tag, or with ``cmalign-base``: the embedded base's weights file (built first
+    if not cached, announced on ``console``). ``random`` or none: None (random init). Anything else
+    (an open_clip tag, a checkpoint file) as given.
+    """
+    if wants_base_model(name, pretrained):
+        return str(ensure_base_model(console=console) / "open_clip_model.safetensors")
+    if pretrained == BASE_TAG:
+        raise ConfigError(f"--pretrained {BASE_TAG} is the embedded base of {RECIPE['model']}, not of {name}")
+    return None if pretrained == "random" else pretrained
+
+
 def _train(recipe: dict, out: Path, console) -> None:
+    # The deliberate import circle (see the module docstring): the base is trained by the trainer, which
+    # imports this module to resolve its weights. Function-local, so neither module needs the other to load.
     from cmalign.train.config import FitConfig
     from cmalign.train.loop import fit
 

@@ -102,6 +102,17 @@ def load_model(model_name: str, pretrained: str | None = None, device: str | tor
     )
 
 
+def require_softmax_clip(model: torch.nn.Module, name: str) -> None:
+    """Refuse model families TPC-CMA is not defined on; it needs a softmax-contrastive dual encoder (CLIP,
+    CustomTextCLIP), because its objective builds on open_clip's softmax ``ClipLoss``."""
+    if type(model).__name__ == "CoCa":
+        raise ConfigError(f"{name} is a CoCa model (contrastive + captioning loss); cmalign fit supports "
+                          "softmax-contrastive CLIP models only")
+    if getattr(model, "logit_bias", None) is not None:
+        raise ConfigError(f"{name} is a SigLIP-style model (sigmoid loss with logit_bias); cmalign fit's "
+                          "objective builds on open_clip's softmax ClipLoss and would train it with the wrong loss")
+
+
 _BLOCK_RE = re.compile(r"\.(?:resblocks|layers?|blocks|layer)\.(\d+)\.")
 _PROJECTION_NAMES = ("visual.proj", "text_projection", "logit_scale", "logit_bias", "visual.head", "text.proj")
 

@@ -1,1 +1,2 @@
-"""The TPC-CMA method itself: the CMA loss, the three-phase curriculum, the gradient-aware scheduler, one training step."""
+"""The TPC-CMA method itself: its settings, the CMA loss, the three-phase curriculum, the gradient-aware
+scheduler, and one training step (:mod:`cmalign.objective.step`) that puts them together."""

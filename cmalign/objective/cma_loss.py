@@ -17,7 +17,7 @@ import torch
 from open_clip.loss import ClipLoss
 
 from cmalign.errors import ConfigError
-from cmalign.train.config import DISTRIBUTION_TERMS, CMAConfig  # noqa: F401  (re-exported)
+from cmalign.objective.config import DISTRIBUTION_TERMS, CMAConfig  # noqa: F401  (re-exported)
 
 
 def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cmalign.train.config import MODES, GradSchedulerConfig  # noqa: F401  (re-exported)
+from cmalign.objective.config import MODES, GradSchedulerConfig  # noqa: F401  (re-exported)
 
 
 @dataclass

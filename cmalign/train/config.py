@@ -20,51 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmalign.data.options import ReaderOptions
 from cmalign.errors import ConfigError, MissingInputError
+from cmalign.objective.config import DISTRIBUTION_TERMS, MODES, CMAConfig, GradSchedulerConfig  # noqa: F401
 from cmalign.objective.curriculum import CurriculumConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-# The loss and scheduler settings live here, not beside torch code, so that reading a config (and
-# every CLI command's help) imports no torch.
-DISTRIBUTION_TERMS = ("mmd", "coral", "bures")
-MODES = ("project", "lr", "alpha", "off")  # gradient-aware scheduler modes
-
-
-@dataclass
-class CMAConfig:
-    lambda_centroid: float = 1.0
-    # MMD² of a real gap is ~50× smaller than its centroid² (0.015 vs 0.7 on the default base), so
-    # the distribution term gets the larger weight; with 1.0 it barely moved (README, "Measured").
-    lambda_distribution: float = 10.0
-    distribution: str = "mmd"  # mmd | coral | bures
-    mmd_bandwidths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-    # Measure the CMA term in logit units (× the detached logit scale, 100 for a trained CLIP), as
-    # the contrastive logits are: otherwise its gradients are ~100× weaker than InfoNCE's and α
-    # would need to be in the tens to matter, unlike the paper's 0.05–0.5.
-    scale_by_logit_scale: bool = True
-
-    def __post_init__(self):
-        if self.distribution not in DISTRIBUTION_TERMS:
-            raise ConfigError(f"distribution term must be one of {', '.join(DISTRIBUTION_TERMS)}, "
-                             f"got '{self.distribution}'")
-
-
-@dataclass
-class GradSchedulerConfig:
-    mode: str = "project"
-    max_ratio: float = 1.0
-    min_lr_scale: float = 0.25
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ConfigError(f"scheduler mode must be one of {', '.join(MODES)}, got '{self.mode}'")
-        if self.max_ratio <= 0:
-            raise ConfigError(f"scheduler.max_ratio must be > 0, got {self.max_ratio}")
 
 
 @dataclass
@@ -80,15 +44,15 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(ReaderOptions):
+    """Which data `fit` trains and validates on; how to read it is the inherited ReaderOptions fields.
+
+    Inherited, not nested, so the TOML keys (``data.format``, ``data.image_root``...) and the config hash stay
+    what runs written before recorded; a DataConfig is itself the ReaderOptions that ``read_dataset`` takes.
+    """
+
     train: str | None = None  # None: the generated default set
     val: str | None = None  # None: the default set's val split, or a held-out share of `train`
-    format: str = "auto"
-    image_root: str | None = None
-    csv_separator: str | None = None
-    image_column: str = "filepath"
-    caption_column: str = "title"
-    label_column: str = "label"
     val_fraction: float = 0.05  # share of train images held out when no `val` is given
     val_max_images: int = 500  # guard evaluation cost cap
     on_bad_sample: str = "skip"  # skip | fail

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from cmalign.model.loading import load_model
 from cmalign.objective.cma_loss import CMAConfig, CMALoss
 from cmalign.objective.grad_scheduler import GradScheduler, GradSchedulerConfig
-from cmalign.train.loop import TPCCMAStep
+from cmalign.objective.step import TPCCMAStep
 
 
 def global_batch(tokenizer, n=16):

@@ -1,0 +1,58 @@
+"""The optimizer side of `fit`, as open_clip's trainer does it: AdamW in its parameter groups, warm-up +
+cosine learning rate, gradient clipping, the clamped logit scale.
+
+Kept apart from the loop so the schedule and the update can be read (and tested) without a run around them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cmalign.model.loading import param_groups
+from cmalign.train.config import FitConfig
+
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: FitConfig) -> torch.optim.AdamW:
+    """AdamW over open_clip's groups (no weight decay on gains, biases, the logit scale)."""
+    o = cfg.optim
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+def lr_at(step: int, cfg: FitConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to ``min_lr_ratio``."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    span = max(1, cfg.train.steps - o.warmup_steps)
+    u = min(1.0, (step - o.warmup_steps) / span)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * u)))
+
+
+def clip_gradients(optimizer, scaler, params: list, grad_clip: float) -> float:
+    """Unscale (fp16 AMP) and clip the accumulated gradients; returns their global norm before clipping.
+
+    The norm is NaN/inf when the gradients are: a GradScaler then skips the step by itself, without one
+    the caller must stop the run.
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    # max_norm = inf (grad_clip 0) clips nothing and still returns the total norm
+    return float(torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf))
+
+
+def step_optimizer(model, optimizer, scaler, lr: float) -> None:
+    """One update at ``lr`` (through the GradScaler under fp16), then zero the gradients, clamp the logit scale."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)

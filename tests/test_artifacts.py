@@ -1,0 +1,30 @@
+"""Atomic writes (cmalign.artifacts.atomic): files look as if open() had written them, and a failed write leaves
+neither a half file nor a temporary one behind."""
+
+import os
+
+import pytest
+
+from cmalign.artifacts.atomic import atomic_write
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    """mkstemp makes 0600; a run directory shared with a team must get what the umask allows (0644 here)."""
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "f.json") as f:
+            f.write("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "summary.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as f:
+            f.write("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
