@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from cmalign.data.options import FORMATS
 from cmalign.train.config import FitConfig, load_config, parse_set
 
 HELP = (
@@ -40,7 +41,7 @@ def fit_command(
     val: Annotated[str | None, typer.Option("--val", help="Validation data, same formats. (default: the generated "
                    f"val split, or {_D.data.val_fraction:.0%} of --data held out by image)",
                    rich_help_panel="Data")] = None,
-    data_format: Annotated[str | None, typer.Option("--format", help="auto|csv|tsv|jsonl|coco|folder|webdataset "
+    data_format: Annotated[str | None, typer.Option("--format", help=f"{'|'.join(FORMATS)} "
                            f"{_d(_D.data.format)}", rich_help_panel="Data")] = None,
     image_root: Annotated[str | None, typer.Option(help="Directory that relative image paths are under "
                           "(default: the data file's directory)", rich_help_panel="Data")] = None,

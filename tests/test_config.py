@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cmalign.errors import ConfigError
 from cmalign.train.config import FitConfig, apply_overrides, load_config, to_toml
 
 if sys.version_info >= (3, 11):
@@ -246,3 +247,10 @@ def test_sweep_runs_keep_the_identity_they_had_before_the_relayout() -> None:
     cfg = fit_config(SweepConfig(steps=50, fit_overrides={"optim.lr": "1e-3"}), RunSpec("a0.5", 0.5, {}, "alpha"),
                      Path("sweeps/default/runs/a0.5"))
     assert cfg.hash() == PRE_MOVE_HASHES["sweep_a0.5"]
+
+
+def test_a_bad_data_option_fails_when_the_config_is_loaded_not_when_data_is_read():
+    with pytest.raises(ConfigError, match="unknown data format 'parquet'"):
+        load_config(overrides={"data.format": "parquet"})
+    with pytest.raises(ConfigError, match="separator must be one character"):
+        load_config(overrides={"data.csv_separator": ";;"})

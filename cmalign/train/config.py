@@ -200,6 +200,7 @@ def apply_overrides(cfg: FitConfig, overrides: dict[str, Any]) -> FitConfig:
         setattr(target, leaf, _coerce(value, getattr(target, leaf), fields[leaf].type, key))
     for section in (cfg.loss, cfg.curriculum, cfg.scheduler):
         section.__post_init__()
+    cfg.data.validate()  # a bad --set data.format fails here, not when the data is read
     return cfg
 
 

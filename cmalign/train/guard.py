@@ -10,11 +10,11 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import numpy as np
-import torch
 
 from cmalign.data.pair_set import PairSet
 from cmalign.metrics import gap
 from cmalign.metrics.retrieval import retrieval_metrics
+from cmalign.metrics.zeroshot import class_weights, zero_shot_accuracy
 from cmalign.model.encode import encode_images, encode_texts
 
 
@@ -25,13 +25,11 @@ def embed(model, pairs: PairSet, preprocess, tokenizer, device, batch_size: int 
            "text": encode_texts(model, pairs.captions, tokenizer, device, batch_size, autocast)}
     if pairs.labels is not None:
         classes = sorted(set(pairs.labels))
-        weights = []
-        for c in classes:
-            prompts = encode_texts(model, [t.format(c) for t in pairs.class_templates], tokenizer, device,
-                                   batch_size, autocast)
-            weights.append(torch.nn.functional.normalize(torch.from_numpy(prompts).mean(0), dim=0))
+        templates = pairs.class_templates
+        prompts = encode_texts(model, [t.format(c) for c in classes for t in templates], tokenizer, device,
+                               batch_size, autocast)
         out["classes"] = classes
-        out["class_weights"] = torch.stack(weights).numpy()
+        out["class_weights"] = class_weights(prompts.reshape(len(classes), len(templates), -1))
     return out
 
 
@@ -45,9 +43,7 @@ def recall_at_1(emb: dict, pairs: PairSet) -> tuple[float, float]:
 def zero_shot_top1(emb: dict, pairs: PairSet) -> float | None:
     if pairs.labels is None:
         return None
-    pred = (emb["image"] @ emb["class_weights"].T).argmax(1)
-    truth = np.asarray([emb["classes"].index(lbl) for lbl in pairs.labels])
-    return float((pred == truth).mean())
+    return zero_shot_accuracy(emb["image"], pairs.labels, emb["classes"], emb["class_weights"])["top1"]
 
 
 def guard_metrics(model, pairs: PairSet, preprocess, tokenizer, device, full: bool = False,
