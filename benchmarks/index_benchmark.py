@@ -27,9 +27,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cmalign.index.choice import HNSW_EF_CONSTRUCTION, choose_index, estimate_bytes, nlist_for, parse_memory, pq_m  # noqa: E402  # noqa: E402
-from cmalign.index.joint import ArrayVectors, fill_and_tune  # noqa: E402
+from cmalign.index.build import fill_and_tune, make_index  # noqa: E402
+from cmalign.index.choice import choose_index, estimate_bytes, nlist_for, parse_memory, pq_m  # noqa: E402
 from cmalign.index.tuning import RecallProbe, exact_knn, get_search_params, tie_tolerant_recall  # noqa: E402
+from cmalign.index.vectors import ArrayVectors  # noqa: E402
 
 
 def clustered(n: int, d: int, rng: np.random.Generator, clusters: int = 2000, rank: int = 48) -> np.ndarray:
@@ -81,9 +82,7 @@ def run_size(n: int, d: int, seed: int, factories: list[str], budget: int) -> di
              "IVF-PQ+refine": f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)"}
     for name in factories:
         factory = named.get(name, name)
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-        if factory.startswith("HNSW"):
-            index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION  # as `cmalign index` builds it
+        index = make_index(faiss, factory, d)  # as `cmalign index` builds it
         t0 = time.time()
         if not index.is_trained:
             ivf_train = min(n, 64 * nlist if "IVF" in factory else n)

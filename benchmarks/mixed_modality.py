@@ -23,7 +23,7 @@ from pathlib import Path
 from cmalign.corpus.embed import EmbedConfig, embed_dataset
 from cmalign.corpus.store import load_embeddings
 from cmalign.export.onnx_export import ExportConfig, export_model
-from cmalign.index.joint import IndexConfig, JointIndex, build_index
+from cmalign.index import IndexConfig, JointIndex, build_index
 from cmalign.metrics.mixed import mixed_modality_report
 from cmalign.train.config import load_config
 from cmalign.train.loop import fit

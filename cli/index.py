@@ -1,4 +1,5 @@
-"""`cmalign index` and `cmalign index-add`: build an IndexConfig and call :func:`cmalign.index.joint.build_index`."""
+"""`cmalign index` and `cmalign index-add`: options → :func:`cmalign.index.build.build_index` /
+:func:`cmalign.index.extend.add_to_index`, with a progress bar and a summary of what was built and measured."""
 
 from __future__ import annotations
 
@@ -17,14 +18,6 @@ HELP = (
 )
 ADD_HELP = ("Add a merged embeddings directory (new data embedded with the same export) to an existing index "
             "without rebuilding it, then re-tune its search knobs.")
-
-
-def _errors():
-    from cmalign.corpus.store import EmbeddingsError
-    from cmalign.index.joint import ExportMismatchError, GpuUnavailableError, IndexBuildError, IndexFormatError
-
-    return (EmbeddingsError, IndexBuildError, IndexFormatError, ExportMismatchError, GpuUnavailableError,
-            FileExistsError, FileNotFoundError, ValueError)
 
 
 def _progress(quiet: bool):
@@ -86,7 +79,7 @@ def index_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
 ):
-    from cmalign.index.joint import IndexConfig, build_index
+    from cmalign.index.build import IndexConfig, build_index
 
     cfg = IndexConfig(embeddings=embeddings, out=out, factory=factory, max_memory=max_memory,
                       recall_target=recall_target, k=k, tune_queries=tune_queries, on_disk=on_disk, gpu=gpu,
@@ -104,7 +97,7 @@ def add_command(
     no_retune: Annotated[bool, typer.Option("--no-retune", help="Keep the search knobs as they are.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
 ):
-    from cmalign.index.joint import add_to_index
+    from cmalign.index.extend import add_to_index
 
     progress, report = _progress(quiet)
     with progress:

@@ -1,4 +1,4 @@
-"""`cmalign search`: build a SearchConfig and call :func:`cmalign.index.searcher.search`."""
+"""`cmalign search`: options → :func:`cmalign.index.searcher.search`, hits printed as tables or JSON."""
 
 from __future__ import annotations
 

@@ -16,18 +16,12 @@ from typer.testing import CliRunner
 from cmalign.cli.main import app
 from cmalign.corpus.embed import EmbedConfig, embed_dataset
 from cmalign.corpus.store import EmbeddingsError, load_embeddings
+from cmalign.index import IndexConfig, JointIndex, add_to_index, build_index
 from cmalign.index.choice import choose_index, parse_memory
-from cmalign.index.joint import (
-    ExportMismatchError,
-    GpuUnavailableError,
-    IndexBuildError,
-    IndexConfig,
-    JointIndex,
-    add_to_index,
-    build_index,
-)
+from cmalign.index.errors import ExportMismatchError, GpuUnavailableError, IndexBuildError
+from cmalign.index.faiss_backend import unwrap
 from cmalign.index.searcher import Searcher
-from cmalign.index.tuning import exact_knn, tie_tolerant_recall, unwrap
+from cmalign.index.tuning import exact_knn, tie_tolerant_recall
 from cmalign.metrics.mixed import mixed_modality_report, pair_set_positions
 
 runner = CliRunner()

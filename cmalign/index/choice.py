@@ -21,7 +21,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from cmalign.errors import CmalignError, ConfigError
+from cmalign.errors import ConfigError
+from cmalign.index.errors import IndexChoiceError
 
 FLAT_MAX = 50_000
 # At 1M clustered 512-d vectors on 2 cores, HNSW32 gave recall@10 0.951 at 26x Flat's QPS (built in 6 min), IVF-Flat
@@ -31,10 +32,6 @@ HNSW_M = 32
 # faiss' default efConstruction (40) built graphs that needed efSearch 384-768 for recall@10 0.95 on clustered
 # 512-d vectors here; at 128 the same recall took efSearch 16-24 (10x faster queries) for ~5x the build time.
 HNSW_EF_CONSTRUCTION = 128
-
-
-class IndexChoiceError(CmalignError, ValueError):
-    """No index of the supported kinds fits the memory budget (or the request makes no sense)."""
 
 
 @dataclass

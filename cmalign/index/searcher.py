@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmalign.errors import ConfigError, MissingInputError
+from cmalign.export.manifest import MANIFEST as EXPORT_MANIFEST
 from cmalign.export.runtime import ExportedModel
-from cmalign.index.joint import ExportMismatchError, Hit, JointIndex
+from cmalign.index.directory import MANIFEST
+from cmalign.index.errors import ExportMismatchError
+from cmalign.index.joint import Hit, JointIndex
 
 
 @dataclass
@@ -39,10 +42,10 @@ class Searcher:
         self.index = JointIndex(index_dir, gpu=gpu, threads=threads)
         recorded = self.index.manifest["export"]
         export = Path(export or recorded["path"] or "")
-        if not (export / "manifest.json").is_file():
+        if not (export / EXPORT_MANIFEST).is_file():
             raise MissingInputError(
                 f"the export that built {index_dir} is not at {export} (recorded in "
-                f"{self.index.path / 'manifest.json'}); pass its new location with --export")
+                f"{self.index.path / MANIFEST}); pass its new location with --export")
         self.model = ExportedModel(export, provider=provider, variant=recorded.get("variant") or "fp32",
                                    threads=threads)
         if self.model.fingerprint != self.index.fingerprint:

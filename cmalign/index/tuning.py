@@ -1,4 +1,5 @@
-"""Search-time knobs of a FAISS index (nprobe, efSearch, refine k_factor): read, set, and tune for a recall target.
+"""Search-time knobs of a FAISS index (nprobe, efSearch, refine k_factor): read, set, widen, and tune for a recall
+target, so that an approximate index answers as well as the user asked and the manifest says how well.
 
 Recall is measured against exact inner-product search and is *tie-tolerant*: a returned item counts as a
 hit when its exact score reaches the k-th exact score, so duplicates (the same caption twice) cannot lower
@@ -13,34 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cmalign.index.faiss_backend import import_faiss, unwrap
+
 NPROBE = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096)
 EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 K_FACTOR = (1, 2, 4, 8, 16, 32, 64)
-
-
-def _faiss():
-    import faiss
-
-    return faiss
-
-
-def unwrap(index, kind: str):
-    """The sub-index of a kind ('ivf', 'hnsw', 'refine') inside pre-transform/refine/id-map wrappers, or None."""
-    faiss = _faiss()
-    cls = {"ivf": faiss.IndexIVF, "hnsw": faiss.IndexHNSW, "refine": faiss.IndexRefine}[kind]
-    idx = faiss.downcast_index(index)
-    while idx is not None:
-        if isinstance(idx, cls):
-            return idx
-        if isinstance(idx, faiss.IndexPreTransform):
-            idx = faiss.downcast_index(idx.index)
-        elif isinstance(idx, faiss.IndexRefine):
-            idx = faiss.downcast_index(idx.base_index)
-        elif isinstance(idx, (faiss.IndexIDMap, faiss.IndexIDMap2)):
-            idx = faiss.downcast_index(idx.index)
-        else:
-            return None
-    return None
 
 
 def get_search_params(index) -> dict:
@@ -56,7 +34,7 @@ def get_search_params(index) -> dict:
 
 
 def set_search_params(index, params: dict) -> None:
-    faiss = _faiss()
+    faiss = import_faiss()
     space = faiss.ParameterSpace()
     for name, value in params.items():
         space.set_index_parameter(index, name, value)
@@ -70,7 +48,7 @@ def search_parameters(index, selector=None, knobs: dict | None = None):
     efSearch to 16), so the current values are copied in. Returns (params, keep): ``keep`` holds the nested
     SWIG objects, which must outlive the search.
     """
-    faiss = _faiss()
+    faiss = import_faiss()
     keep = []
     knobs = knobs or {}
 
@@ -95,8 +73,22 @@ def search_parameters(index, selector=None, knobs: dict | None = None):
     return build(index), keep
 
 
+def widen(index, knobs: dict) -> bool:
+    """Double the search knobs in ``knobs`` (for one search's parameters only; the index is not touched);
+    False once nothing can grow. A filtered search that comes back short widens this way."""
+    ivf, hnsw = unwrap(index, "ivf"), unwrap(index, "hnsw")
+    grown = False
+    if ivf is not None and knobs.get("nprobe", ivf.nlist) < ivf.nlist:
+        knobs["nprobe"] = min(ivf.nlist, knobs["nprobe"] * 2)
+        grown = True
+    if hnsw is not None and knobs.get("efSearch", 4096) < 4096:
+        knobs["efSearch"] = min(4096, knobs["efSearch"] * 2)
+        grown = True
+    return grown
+
+
 def exact_knn(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    faiss = _faiss()
+    faiss = import_faiss()
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
     return flat.search(queries, min(k, len(vectors)))
@@ -239,3 +231,17 @@ def tune(index, probe: RecallProbe, gather, target: float = 0.95, selector=None)
     params = {k: v for k, v in best.items() if k not in ("recall", "ms_per_query")}
     set_search_params(index, params)
     return Tuning(params, best["recall"], best["ms_per_query"], best["recall"] >= target, target, tried)
+
+
+RECALL_PROTOCOL = ("a sample of the corpus held out as queries: kept out of IVF training and out of the index while "
+                   "it is tuned, then added last; truth is exact inner-product top-k over the rest; tie-tolerant (a "
+                   "hit scores at least the k-th exact score)")
+
+
+def recall_entry(tuning: Tuning | None, probe: RecallProbe | None) -> dict:
+    """The ``recall`` entry of an index manifest: what the tuned knobs measured, and how."""
+    if tuning is None or probe is None:
+        return {"measured": False, "reason": "corpus too small to hold out tuning queries", "reached": True,
+                "protocol": RECALL_PROTOCOL}
+    return tuning.to_dict() | {"measured": True, "k": probe.k, "queries": len(probe.positions),
+                               "protocol": RECALL_PROTOCOL}

@@ -1,0 +1,64 @@
+"""The index directory on disk — its files, its manifest and its id table — in one place, so that building,
+extending and loading an index agree on the format:
+
+    IDX/index.faiss     one FAISS index, inner product over L2-normalised vectors; int64 ids 0..n-1 in the
+                        order added: the embeddings in order (per shard its images, then its texts), except
+                        the tuning sample, held out while the knobs are tuned and added last
+    IDX/index.ivfdata   the inverted lists of an on-disk IVF index (``on_disk=True``), beside index.faiss
+    IDX/ids.parquet     id → modality, pair_id, part, shard, row, image_path, caption, label, key, source
+    IDX/manifest.json   the export that made the embeddings (fingerprint), the factory and why it was chosen,
+                        the tuned search knobs and the recall they measured, the parts, versions
+
+Each *part* is one merged embeddings directory (:mod:`cmalign.corpus.store`): the first from `cmalign index`,
+one more per `cmalign index-add`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from cmalign.artifacts.manifests import read_manifest_file
+from cmalign.index.errors import IndexFormatError
+
+KIND = "cmalign-index"
+FORMAT_VERSION = 1
+INDEX_FILE = "index.faiss"
+IVFDATA_FILE = "index.ivfdata"
+IDS_FILE = "ids.parquet"
+MANIFEST = "manifest.json"
+ID_COLUMNS = ("id", "modality", "pair_id", "part", "shard", "row", "image_path", "caption", "label", "key", "source")
+
+
+def read_index_manifest(index_dir: str | Path) -> dict:
+    """The manifest of an index directory; errors say when the directory is not one `cmalign index` wrote."""
+    d = Path(index_dir)
+    path = d / MANIFEST
+    if not d.is_dir():
+        raise IndexFormatError(f"index directory not found: {d}")
+    return read_manifest_file(path, KIND, IndexFormatError, f"is {d} a directory written by `cmalign index`?",
+                              FORMAT_VERSION)
+
+
+def write_ids(path: Path, ids) -> None:
+    """Write the id table (a pandas DataFrame with :data:`ID_COLUMNS`)."""
+    ids.to_parquet(path, index=False)
+
+
+def export_entry(embeddings_manifest: dict) -> dict:
+    """The manifest's ``export`` entry: the export that embedded the corpus, which every query must come from."""
+    m = embeddings_manifest
+    return {"path": m.get("export"), "fingerprint": m.get("export_fingerprint"), "embed_dim": int(m["embed_dim"]),
+            "variant": m.get("variant"), "model": m.get("model")}
+
+
+def part_entry(emb_dir: Path, embeddings_manifest: dict, part: int, first_id: int, n: int) -> dict:
+    """One ``parts`` entry: which embeddings directory holds the vectors of ids ``first_id`` .. ``first_id + n``."""
+    return {"part": part, "embeddings": str(emb_dir.resolve()), "ids": [first_id, first_id + n],
+            "rows": embeddings_manifest.get("rows"), "num_shards": embeddings_manifest.get("num_shards"),
+            "added": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def counts(ids) -> dict:
+    """Items per modality in an id table."""
+    return {m: int((ids["modality"] == m).sum()) for m in ("image", "text")}
