@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from cmalign.cli.progress import stage_progress
 from cmalign.data.options import FORMATS, ReaderOptions
 
 HELP = (
@@ -43,7 +44,6 @@ def embed_command(
 ):
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from cmalign.corpus.embed import EmbedConfig, embed_dataset
 
@@ -52,15 +52,7 @@ def embed_command(
                       batch_size=batch_size, workers=workers, threads=threads, dtype=dtype, format=data_format,
                       image_root=image_root, csv_separator=csv_separator, image_column=image_column,
                       caption_column=caption_column, label_column=label_column, overwrite=overwrite)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=console, disable=quiet)
-    tasks: dict[str, int] = {}
-
-    def report(kind: str, done: int, total: int) -> None:
-        if kind not in tasks:
-            tasks[kind] = progress.add_task(f"embedding {kind}", total=total)
-        progress.update(tasks[kind], completed=done)
-
+    progress, report = stage_progress(quiet, console, label=lambda kind: f"embedding {kind}")
     with progress:
         result = embed_dataset(cfg, progress=report)
     if quiet:

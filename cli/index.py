@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from cmalign.cli.progress import stage_progress
+
 HELP = (
     "Build one FAISS index over the image AND text embeddings of a `cmalign embed` directory (inner product on "
     "L2-normalised vectors, int64 ids), with the id → (modality, pair_id, path, caption) table and a manifest "
@@ -18,21 +20,6 @@ HELP = (
 )
 ADD_HELP = ("Add a merged embeddings directory (new data embedded with the same export) to an existing index "
             "without rebuilding it, then re-tune its search knobs.")
-
-
-def _progress(quiet: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        disable=quiet)
-    tasks: dict[str, int] = {}
-
-    def report(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = progress.add_task(stage, total=total)
-        progress.update(tasks[stage], completed=done, total=total)
-
-    return progress, report
 
 
 def print_summary(manifest: dict, out: str, seconds: float) -> None:
@@ -84,7 +71,7 @@ def index_command(
     cfg = IndexConfig(embeddings=embeddings, out=out, factory=factory, max_memory=max_memory,
                       recall_target=recall_target, k=k, tune_queries=tune_queries, on_disk=on_disk, gpu=gpu,
                       threads=threads, seed=seed, overwrite=overwrite)
-    progress, report = _progress(quiet)
+    progress, report = stage_progress(quiet)
     with progress:
         result = build_index(cfg, progress=report)
     if not quiet:
@@ -99,7 +86,7 @@ def add_command(
 ):
     from cmalign.index.extend import add_to_index
 
-    progress, report = _progress(quiet)
+    progress, report = stage_progress(quiet)
     with progress:
         result = add_to_index(index, embeddings, retune=not no_retune, progress=report)
     if not quiet:

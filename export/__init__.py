@@ -8,8 +8,6 @@ from cmalign._lazy import lazy_exports
 from cmalign.export.manifest import ExportFormatError, read_manifest
 from cmalign.export.runtime import ExportedModel, ProviderUnavailableError, load_export
 
-_EXPORTS = {name: "cmalign.export.onnx_export" for name in ("export_model", "ExportConfig", "ExportResult",
-                                                            "ParityError")}
-__all__ = ["ExportedModel", "ExportFormatError", "ProviderUnavailableError", "load_export", "read_manifest",
-           *_EXPORTS]
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, _LAZY = lazy_exports(__name__, {"onnx_export": ("export_model", "ExportConfig", "ExportResult",
+                                                             "ParityError")})
+__all__ = ["ExportedModel", "ExportFormatError", "ProviderUnavailableError", "load_export", "read_manifest", *_LAZY]

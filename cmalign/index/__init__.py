@@ -15,23 +15,12 @@ Public names load on first use (faiss is imported only when one is needed)."""
 
 from cmalign._lazy import lazy_exports
 
-_EXPORTS = {
-    "IndexConfig": "cmalign.index.build",
-    "IndexResult": "cmalign.index.build",
-    "build_index": "cmalign.index.build",
-    "add_to_index": "cmalign.index.extend",
-    "load_index": "cmalign.index.joint",
-    "JointIndex": "cmalign.index.joint",
-    "Hit": "cmalign.index.joint",
-    "read_index_manifest": "cmalign.index.directory",
-    "SearchConfig": "cmalign.index.searcher",
-    "Searcher": "cmalign.index.searcher",
-    "search": "cmalign.index.searcher",
-    "IndexBuildError": "cmalign.index.errors",
-    "IndexFormatError": "cmalign.index.errors",
-    "ExportMismatchError": "cmalign.index.errors",
-    "GpuUnavailableError": "cmalign.index.errors",
-    "IndexChoiceError": "cmalign.index.errors",
-}
-__all__ = list(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "build": ("IndexConfig", "IndexResult", "build_index"),
+    "extend": ("add_to_index",),
+    "joint": ("load_index", "JointIndex", "Hit"),
+    "directory": ("read_index_manifest",),
+    "searcher": ("SearchConfig", "Searcher", "search"),
+    "errors": ("IndexBuildError", "IndexFormatError", "ExportMismatchError", "GpuUnavailableError",
+               "IndexChoiceError"),
+})
