@@ -424,3 +424,18 @@ def test_gpu_build_keeps_what_was_trained_on_the_gpu(val_emb, tmp_path, monkeypa
                                 gpu=True)).manifest
     assert m["ntotal"] == 6000 and m["build"]["gpu"] and m["recall"]["reached"]
     _check_id_table(JointIndex(tmp_path / "idx"), [val_emb])
+
+
+def test_metadata_rows_out_of_order_are_refused_by_the_store(tmp_path):
+    """Rows pair with the arrays by position: a metadata file whose text rows come first must not load."""
+    import pandas as pd
+
+    from cmalign.corpus.store import iter_shards
+
+    rng = np.random.default_rng(0)
+    out = _write_embeddings(tmp_path / "emb", rng.normal(size=(3, 8)), rng.normal(size=(3, 8)), np.arange(3))
+    meta_path = out / "metadata" / "metadata_0000.parquet"
+    meta = pd.read_parquet(meta_path)
+    meta.iloc[::-1].reset_index(drop=True).to_parquet(meta_path)
+    with pytest.raises(EmbeddingsError, match="rows are not image rows followed by text rows"):
+        list(iter_shards(out))

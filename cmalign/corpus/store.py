@@ -223,6 +223,8 @@ def iter_shards(out: str | Path, manifest: dict | None = None):
         if int(is_img.sum()) != len(arrays["image"]) or int((~is_img).sum()) != len(arrays["text"]):
             raise EmbeddingsError(f"{p['metadata']}: {int(is_img.sum())} image and {int((~is_img).sum())} text rows, "
                                   f"but the arrays have {len(arrays['image'])} and {len(arrays['text'])}")
+        if not is_img.to_numpy()[: len(arrays["image"])].all():  # rows pair with the arrays by position
+            raise EmbeddingsError(f"{p['metadata']}: rows are not image rows followed by text rows")
         yield Shard(i, arrays["image"], arrays["text"], meta, p)
 
 

@@ -143,11 +143,7 @@ def read_id_table(out: Path, manifest: dict, part: int, first_id: int):
 
     frames, next_id = [], first_id
     for shard in iter_shards(out, manifest):
-        meta = shard.metadata.copy()
-        is_img = (meta["modality"] == "image").to_numpy()
-        # metadata rows are image rows then text rows, as the arrays concatenate
-        if not (is_img[: len(shard.image)].all() and not is_img[len(shard.image):].any()):
-            raise EmbeddingsError(f"{shard.paths['metadata']}: rows are not image rows followed by text rows")
+        meta = shard.metadata.copy()  # image rows then text rows, as the arrays concatenate (iter_shards checks)
         meta.insert(0, "id", np.arange(next_id, next_id + len(meta), dtype=np.int64))
         meta["part"] = part
         meta["shard"] = shard.index
