@@ -27,8 +27,9 @@ import torch
 from cmalign.corpus.embed import EmbedConfig, embed_dataset
 from cmalign.data.synth import make_scene, synth_split
 from cmalign.export import load_export
+from cmalign.export.graphs import ImageEncoder, TextEncoder
 from cmalign.export.manifest import graph_file
-from cmalign.export.onnx_export import ExportConfig, ImageEncoder, TextEncoder, export_model
+from cmalign.export.onnx_export import ExportConfig, export_model
 from cmalign.export.runtime import make_session
 from cmalign.model.base import ensure_base_model
 from cmalign.model.loading import load_model

@@ -22,7 +22,8 @@ from cmalign.cli.main import app
 from cmalign.data.synth import make_scene, synth_split
 from cmalign.export import ExportFormatError, ProviderUnavailableError, load_export
 from cmalign.export import manifest as mf
-from cmalign.export.onnx_export import ExportConfig, ParityError, check_graph, export_model
+from cmalign.export.graphs import check_graph
+from cmalign.export.onnx_export import ExportConfig, ParityError, export_model
 from cmalign.model.loading import load_model
 
 REPO = Path(__file__).resolve().parent.parent

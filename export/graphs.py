@@ -1,0 +1,99 @@
+"""The two encoder graphs: torch modules that output L2-normalised embeddings, exported to ONNX and checked.
+
+Where the traps are (DESIGN.md §5): the MHA fast path has no ONNX op, the dynamo exporter fixes the batch at 1
+for a batch-1 example, and the runtime needs a really dynamic batch axis and int64 token ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from cmalign.errors import ConfigError
+from cmalign.export.parity import ParityError  # a graph that fails its checks is not kept either
+
+EXPORTERS = ("dynamo", "legacy")
+
+
+class ImageEncoder(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels, normalize=True)
+
+
+class TextEncoder(torch.nn.Module):
+    """open_clip pools at ``argmax`` of the int64 ids (EOT has the largest id) — no float cast, so fp16 is safe."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens, normalize=True)
+
+
+@contextlib.contextmanager
+def _export_mode():
+    # The MHA fast path exports as aten::_native_multi_head_attention, which ONNX has no op for.
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def export_graph(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
+                 opset: int, exporter: str) -> str:
+    """Export with a dynamic batch axis; returns the exporter's console output (kept for the log)."""
+    if exporter not in EXPORTERS:
+        raise ConfigError(f"unknown exporter '{exporter}': expected one of {', '.join(EXPORTERS)}")
+    if example.shape[0] < 2:
+        # The dynamo exporter silently specialises the batch axis to 1 for a batch-1 example.
+        example = torch.cat([example, example])
+    # One self-contained file per graph, unless protobuf's 2 GB limit forces the weights out.
+    external_data = sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8e9
+    log = io.StringIO()
+    with _export_mode(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        if exporter == "dynamo":
+            torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=[output_name],
+                              opset_version=opset, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              external_data=external_data, verbose=False)
+        else:
+            torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=[output_name],
+                              opset_version=opset, dynamo=False,
+                              dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+    return log.getvalue()
+
+
+def check_graph(path: Path) -> dict:
+    """onnx.checker (full) plus the two properties the runtime relies on; returns graph facts."""
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    for value in (graph.input[0], graph.output[0]):
+        dim0 = value.type.tensor_type.shape.dim[0]
+        if not dim0.dim_param:
+            raise ParityError(f"{path.name}: the batch axis of '{value.name}' is fixed at {dim0.dim_value}, "
+                              "not dynamic")
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type == "ArgMax":
+            src = producers.get(node.input[0])
+            if src is not None and src.op_type == "Cast":
+                raise ParityError(f"{path.name}: ArgMax over a Cast ({src.name}); token ids must not be cast "
+                                  "to float for pooling (breaks in fp16)")
+    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+    return {"opset": opsets.get("ai.onnx"), "ops": sorted({n.op_type for n in graph.node}),
+            "input": graph.input[0].name,
+            "input_shape": [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]}
