@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from cmalign.cli.errors import reports_errors
 from cmalign.data import synth
 
 app = typer.Typer(help="Data set utilities.", no_args_is_help=True)
@@ -14,6 +15,7 @@ app = typer.Typer(help="Data set utilities.", no_args_is_help=True)
 
 @app.command("synth", help="Write the generated default data set as PNG images + open_clip-style CSVs "
                            "(train.csv, val.csv, test.csv with columns filepath,title,label) and a manifest.")
+@reports_errors
 def synth_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (created).")],
     seed: Annotated[int, typer.Option(help="Generator seed; the same seed gives the same files.")] = 0,

@@ -92,7 +92,11 @@ def eval_command(
     console = Console(stderr=quiet)
     template_list = None
     if templates is not None:
-        template_list = tuple(t.strip() for t in templates.read_text().splitlines() if t.strip())
+        try:
+            lines = templates.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--templates {templates}: cannot read it as UTF-8 text ({e})") from None
+        template_list = tuple(t.strip() for t in lines if t.strip())
         bad = [t for t in template_list if "{}" not in t]
         if bad or not template_list:
             raise ConfigError(f"{templates}: every line must hold {{}} for the class name (first bad: "

@@ -1,7 +1,8 @@
 """The `cmalign` command: a thin skin over the library, one module per command.
 
-Each command module imports only typer at start-up and its library code inside the command function, so
-`cmalign --help` and the production commands (embed, index, search) never import torch or scikit-learn.
+Each command module imports only typer and plain config classes at start-up, and its library code inside the
+command function, so `cmalign --help` and the production commands (embed, index, search) never import torch or
+scikit-learn.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The command-line skin: commands in pipeline order, a user's mistake as one `error:` line, a bug with its traceback."""
+"""The command-line skin: commands in pipeline order, a user's mistake as one `error:` line, a bug a traceback."""
 
 from __future__ import annotations
 
@@ -54,7 +54,11 @@ def test_any_other_exception_is_a_bug_and_keeps_its_traceback():
 def test_every_command_reports_errors_through_the_one_wrapper():
     from cmalign.cli.main import app as main_app
 
-    for command in main_app.registered_commands:
+    commands = list(main_app.registered_commands)
+    for group in main_app.registered_groups:  # `cmalign data synth`
+        commands += group.typer_instance.registered_commands
+    assert len(commands) == 10
+    for command in commands:
         assert getattr(command.callback, "__wrapped__", None) is not None, command.name
 
 
@@ -63,6 +67,11 @@ def test_a_real_user_error_through_the_cli_and_debug_shows_its_traceback(tmp_pat
     assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["--debug", "search", str(tmp_path / "missing"), "--text", "a red circle"])
     assert r.exit_code == 1 and isinstance(r.exception, CmalignError)
+
+
+def test_data_synth_refuses_negative_sizes_in_one_line(tmp_path):
+    r = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "s"), "--train-images", "-1"])
+    assert r.exit_code == 2 and "error: image counts must be >= 0" in r.output
 
 
 @pytest.mark.parametrize("name", ["fit", "export", "embed", "index", "search", "eval", "sweep"])

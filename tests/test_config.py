@@ -254,3 +254,21 @@ def test_a_bad_data_option_fails_when_the_config_is_loaded_not_when_data_is_read
         load_config(overrides={"data.format": "parquet"})
     with pytest.raises(ConfigError, match="separator must be one character"):
         load_config(overrides={"data.csv_separator": ";;"})
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"loss.mmd_bandwidths": "a,b"}, r"'loss.mmd_bandwidths' expects tuple\[float, ...\], got 'a,b'"),
+    ({"loss.mmd_bandwidths": 2.0}, r"'loss.mmd_bandwidths' expects tuple"),
+    ({"train.steps": [1]}, r"'train.steps' expects int, got \[1\]"),
+    ({"train.steps": "ten"}, r"'train.steps' expects int, got 'ten'"),
+    ({"model.grad_checkpointing": "maybe"}, r"expects bool"),
+])
+def test_a_value_of_the_wrong_type_is_a_config_error_naming_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=overrides)
+
+
+def test_an_unknown_key_is_still_a_key_error_with_a_readable_message():
+    with pytest.raises(KeyError) as e:
+        load_config(overrides={"train.stepz": 3})
+    assert isinstance(e.value, ConfigError) and str(e.value).startswith("unknown config key 'train.stepz'")

@@ -439,3 +439,22 @@ def test_metadata_rows_out_of_order_are_refused_by_the_store(tmp_path):
     meta.iloc[::-1].reset_index(drop=True).to_parquet(meta_path)
     with pytest.raises(EmbeddingsError, match="rows are not image rows followed by text rows"):
         list(iter_shards(out))
+
+
+def test_a_damaged_index_directory_and_a_bad_query_image_are_user_errors(val_emb, tmp_path):
+    out = tmp_path / "idx"
+    build_index(IndexConfig(embeddings=str(val_emb), out=str(out), factory="Flat"))
+    runner = CliRunner()
+    (tmp_path / "notes.png").write_text("not an image")
+    r = runner.invoke(app, ["search", str(out), "--image", str(tmp_path / "notes.png")])
+    assert r.exit_code == 2 and "notes.png: not a readable image" in r.output and "Traceback" not in r.output
+
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "ids.parquet").write_bytes(b"not parquet")
+    r = runner.invoke(app, ["search", str(broken), "--text", "a red circle"])
+    assert r.exit_code == 2 and "ids.parquet: cannot read the id table" in r.output
+    shutil.copy(out / "ids.parquet", broken / "ids.parquet")
+    (broken / "index.faiss").write_bytes(b"\0" * 64)
+    r = runner.invoke(app, ["search", str(broken), "--text", "a red circle"])
+    assert r.exit_code == 2 and "index.faiss: not a readable faiss index" in r.output

@@ -107,3 +107,19 @@ def test_pretrained_resolution_shared_by_fit_and_eval(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="embedded base of cmalign-tiny"):
         base.resolve_pretrained("ViT-B-32", base.BASE_TAG)
     assert len(built) == 2
+
+
+class _NotAWeight:
+    pass
+
+
+def test_a_checkpoint_torch_refuses_to_unpickle_is_a_user_error(tmp_path):
+    """weights_only loading refuses arbitrary objects: that is the file's problem, said in one line."""
+    import torch
+
+    from cmalign.model.loading import ModelLoadError, load_model
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": _NotAWeight()}}, path)
+    with pytest.raises(ModelLoadError, match=r"cannot load model 'cmalign-tiny' with --pretrained .*evil.pt"):
+        load_model("cmalign-tiny", str(path))

@@ -449,3 +449,22 @@ def test_held_out_validation_is_the_asked_share_of_images_never_empty(tmp_path, 
     assert len(val_keys) + len(train_keys) == n_images and len(splits.val) == 2 * expected
     again = load_splits(DataConfig(train=str(tmp_path / "train.tsv"), val_fraction=fraction))
     assert {r.key for r in again.val} == val_keys
+
+
+@pytest.mark.parametrize("name, header, row", [
+    ("pairs.csv", b"filepath,title\n", b"a.png,caf\xe9 au lait\n"),
+    ("pairs.jsonl", b'{"filepath": "a.png", "title": "ok"}\n', b'{"filepath": "a.png", "title": "caf\xe9"}\n'),
+])
+def test_a_file_that_is_not_utf8_names_the_file_and_row(tmp_path, name, header, row):
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    path = tmp_path / name
+    path.write_bytes(header + row)
+    with pytest.raises(DataSchemaError, match=rf"{name}, row 2: not valid UTF-8 \(byte b'\\xe9'"):
+        read_dataset(path)
+
+
+def test_a_caption_file_that_is_not_utf8_is_named(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(DataSchemaError, match=r"a.txt: not valid UTF-8"):
+        read_dataset(tmp_path)

@@ -1,1 +1,4 @@
-"""What every stage writes and reads back: atomic files, manifests, which artifact a path is, the error base."""
+"""What every stage writes and reads back: atomic files, manifests, and which artifact a path is.
+
+The error base every stage raises lives beside this package, in :mod:`cmalign.errors`.
+"""

@@ -217,6 +217,10 @@ def write_synth(out_dir: str | Path, seed: int = 0, sizes: dict[str, int] | None
     out = Path(out_dir)
     written = {}
     sizes = sizes or SPLITS
+    bad = {split: n for split, n in sizes.items() if n < 0}
+    if bad or captions_per_image < 1:
+        raise ConfigError(f"image counts must be >= 0 and captions per image >= 1; got {sizes}, "
+                          f"{captions_per_image} captions per image")
     for split, n in sizes.items():
         img_dir = out / "images" / split
         img_dir.mkdir(parents=True, exist_ok=True)

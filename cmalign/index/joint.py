@@ -56,9 +56,16 @@ class JointIndex:
         if not file.is_file():
             raise IndexFormatError(f"{file}: missing (listed in {self.path / MANIFEST})")
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR if self.manifest.get("on_disk") else 0
-        self.index = faiss.read_index(str(file), flags)
+        try:
+            self.index = faiss.read_index(str(file), flags)
+        except RuntimeError as e:  # faiss reports a damaged file as a RuntimeError from its C++ reader
+            raise IndexFormatError(f"{file}: not a readable faiss index ({str(e).strip().splitlines()[-1]})") from None
         set_search_params(self.index, self.manifest.get("search_params", {}))
-        self.ids = pd.read_parquet(self.path / self.manifest["files"]["ids"])
+        ids_file = self.path / self.manifest["files"]["ids"]
+        try:
+            self.ids = pd.read_parquet(ids_file)
+        except (OSError, ValueError) as e:  # missing, or not parquet (pyarrow's errors derive from these)
+            raise IndexFormatError(f"{ids_file}: cannot read the id table ({e})") from None
         if len(self.ids) != self.index.ntotal:
             raise IndexFormatError(f"{self.path}: {len(self.ids)} rows in {IDS_FILE} but {self.index.ntotal} vectors "
                                    f"in {file.name}; the directory was changed after it was written")

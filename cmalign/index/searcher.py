@@ -76,11 +76,22 @@ def search(cfg: SearchConfig) -> list[dict]:
     for kind, queries in (("text", cfg.text or []), ("image", cfg.image or [])):
         if not queries:
             continue
-        if kind == "image":
-            for q in queries:
-                if not Path(q).is_file():
-                    raise MissingInputError(f"--image {q}: no such file")
-        results = getattr(searcher, kind)(list(queries), cfg.k, cfg.modality)
+        inputs = [_read_image(q) for q in queries] if kind == "image" else list(queries)
+        results = getattr(searcher, kind)(inputs, cfg.k, cfg.modality)
         out.extend({"query": q, "kind": kind, "hits": [h.to_dict() for h in hits]}
                    for q, hits in zip(queries, results, strict=True))
     return out
+
+
+def _read_image(path: str):
+    """A query image decoded now, so a bad file is the user's error naming it, not a traceback mid-search."""
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise MissingInputError(f"--image {path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL's errors for unreadable files
+        raise ConfigError(f"--image {path}: not a readable image ({type(e).__name__}: {e})") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,17 @@ import torch
 from open_clip.model import get_model_preprocess_cfg
 
 from cmalign.artifacts.atomic import atomic_write
-from cmalign.errors import ConfigError, MissingInputError
+from cmalign.errors import CmalignError, ConfigError, MissingInputError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_MODEL = "cmalign-tiny"
 _registered = False
 
 TRAINABLE_CHOICES = ("all", "image", "text", "projections")  # plus "last:N"
+
+
+class ModelLoadError(CmalignError, RuntimeError):
+    """open_clip could not build the model or load its weights."""
 
 
 def register_builtin_configs() -> None:
@@ -87,9 +92,16 @@ def load_model(model_name: str, pretrained: str | None = None, device: str | tor
             + (f" (known tags: {', '.join(tags)})" if tags else "")
         )
     model_cfg = _model_cfg_for(model_name)
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained, device=device, precision=precision
-    )
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device, precision=precision
+        )
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        # open_clip's and the hub's errors for an unknown name, weights it cannot fetch offline, or a checkpoint
+        # torch refuses (weights_only): the user's to fix, so one line that keeps their message
+        raise ModelLoadError(f"cannot load model {model_name!r}"
+                             + (f" with --pretrained {pretrained!r}" if pretrained else "")
+                             + f": {type(e).__name__}: {e}") from e
     tokenizer = open_clip.get_tokenizer(model_name)
     return LoadedModel(
         model=model,

@@ -140,32 +140,54 @@ class FitConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class UnknownKeyError(ConfigError, KeyError):
+    """A config key or section that does not exist (a KeyError, as it always was)."""
+
+    __str__ = Exception.__str__  # KeyError's own would quote the message
+
+
 def _coerce(value: Any, current: Any, hint: Any, key: str) -> Any:
-    """Turn a flag/--set string into the field's declared type (hints are strings: PEP 563)."""
+    """Turn a flag/--set string (or a TOML value) into the field's declared type (hints are strings: PEP 563)."""
     hint = str(hint)
+    try:
+        return _typed(value, hint)
+    except (ValueError, TypeError):
+        raise ConfigError(f"config key '{key}' expects {hint}, got {value!r}") from None
+
+
+def _typed(value: Any, hint: str) -> Any:
     if hint.startswith("tuple"):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(value)
         return tuple(float(v) for v in value)
     if isinstance(value, str):
         if "None" in hint and value.lower() in ("none", "null", ""):
             return None
-        try:
-            if hint.startswith("bool"):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ConfigError(value)
-            if hint.startswith("int"):
-                return int(value)
-            if hint.startswith("float"):
-                return float(value)
-        except ValueError:
-            raise ConfigError(f"config key '{key}' expects {hint}, got '{value}'") from None
+        if hint.startswith("bool"):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if hint.startswith("int"):
+            return int(value)
+        if hint.startswith("float"):
+            return float(value)
         return value
-    if hint.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
+    if value is None and "None" in hint:
+        return None
+    if hint.startswith("bool") and not isinstance(value, bool):
+        raise TypeError(value)
+    if hint.startswith("int") and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(value)
+    if hint.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(value)
         return float(value)
+    if hint.startswith("str") and not isinstance(value, str):
+        raise TypeError(value)
     return value
 
 
@@ -189,14 +211,14 @@ def apply_overrides(cfg: FitConfig, overrides: dict[str, Any]) -> FitConfig:
         parts = key.split(".")
         for p in parts[:-1]:
             if not dataclasses.is_dataclass(target) or not hasattr(target, p):
-                raise ConfigError(f"unknown config section '{p}' in '{key}'")
+                raise UnknownKeyError(f"unknown config section '{p}' in '{key}'")
             target = getattr(target, p)
         leaf = parts[-1]
         fields = {f.name: f for f in dataclasses.fields(target)}
         if leaf not in fields:
-            raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(fields)}")
+            raise UnknownKeyError(f"unknown config key '{key}'; valid keys here: {', '.join(fields)}")
         if dataclasses.is_dataclass(getattr(target, leaf)):
-            raise ConfigError(f"'{key}' is a section, set its keys (e.g. '{key}.{next(iter(fields))}')")
+            raise UnknownKeyError(f"'{key}' is a section, set its keys (e.g. '{key}.{next(iter(fields))}')")
         setattr(target, leaf, _coerce(value, getattr(target, leaf), fields[leaf].type, key))
     for section in (cfg.loss, cfg.curriculum, cfg.scheduler):
         section.__post_init__()

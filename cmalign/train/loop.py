@@ -2,10 +2,10 @@
 
 open_clip's trainer has no hook for a custom loss, so the loop is written here on open_clip's
 library API (``create_model_and_transforms``, ``get_tokenizer``, ``ClipLoss``), in the shape of
-its trainer: AdamW with its parameter groups, warm-up + cosine lr, accumulation, clipping, AMP,
-DDP. What it adds is the TPC-CMA step (:class:`cmalign.objective.step.TPCCMAStep`), the
-curriculum, a guard evaluation, and a run directory that can be resumed exactly
-(:mod:`cmalign.train.run_dir`).
+its trainer: AdamW with its parameter groups, warm-up + cosine lr and clipping
+(:mod:`cmalign.train.optimizer`), accumulation, AMP and DDP (:mod:`cmalign.train.distributed`).
+What it adds is the TPC-CMA step (:class:`cmalign.objective.step.TPCCMAStep`), the curriculum, a guard
+evaluation, and a run directory that can be resumed exactly (:mod:`cmalign.train.run_dir`).
 
 :func:`fit` reads as its three parts: :func:`cmalign.train.setup.set_up` (process group, run
 directory, data, model, optimizer, resume state, loader, the "before" guard), :func:`_train_steps`

@@ -57,16 +57,19 @@ def read_dataset(
         raise DataSchemaError(path, None, None, f"format {fmt!r} needs a file, not a directory")
     base = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
 
-    if fmt in ("csv", "tsv"):
-        result = read_csv(path, base, options, check_files, tsv=fmt == "tsv")
-    elif fmt == "jsonl":
-        result = read_jsonl(path, base, options, check_files)
-    elif fmt == "coco":
-        result = read_coco(path, base, check_files)
-    elif fmt == "folder":
-        result = read_folder(path)
-    else:
-        result = read_webdataset(path, options.caption_column, options.label_column)
+    try:
+        if fmt in ("csv", "tsv"):
+            result = read_csv(path, base, options, check_files, tsv=fmt == "tsv")
+        elif fmt == "jsonl":
+            result = read_jsonl(path, base, options, check_files)
+        elif fmt == "coco":
+            result = read_coco(path, base, check_files)
+        elif fmt == "folder":
+            result = read_folder(path)
+        else:
+            result = read_webdataset(path, options.caption_column, options.label_column)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path if fmt in _FILE_FORMATS else None, e) from None
 
     if not result.records:
         raise DataSchemaError(path, None, None, _no_samples_message(result.skipped))
@@ -100,6 +103,23 @@ def detect_format(path: str) -> str:
         f"cannot tell the format of {path} from its name; set the format (--format) to one of "
         f"{', '.join(FORMATS[1:])}"
     )
+
+
+def _not_utf8(path: str | None, e: UnicodeDecodeError) -> DataSchemaError:
+    """Name the row of the first byte that is not UTF-8 (found again on the raw bytes: the decoder's offset is
+    relative to a buffer, not the file)."""
+    if path is None:  # a caption file inside a folder or shard: the reader does not say which
+        return DataSchemaError("(a caption file)", None, None, f"text is not UTF-8 ({e.reason})")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+        offset = 0
+    except UnicodeDecodeError as full:
+        offset = full.start
+    row = data.count(b"\n", 0, offset) + 1
+    return DataSchemaError(path, row, None, f"not valid UTF-8 (byte {data[offset:offset + 1]!r} at offset {offset}); "
+                                            "save the file as UTF-8")
 
 
 def _no_samples_message(skipped: list[BadSample]) -> str:

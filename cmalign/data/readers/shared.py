@@ -62,8 +62,12 @@ def is_image_name(name: str) -> bool:
 
 
 def read_text(path: str) -> str:
-    with open(path, encoding="utf-8-sig") as f:
-        return f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise DataSchemaError(path, None, None, f"not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                                "save the file as UTF-8") from None
 
 
 def clean_label(value: str) -> str | None:
