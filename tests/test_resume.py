@@ -96,12 +96,45 @@ def test_run_directory_written_before_the_relayout_resumes(tmp_path):
     state = torch.load(ckpt, weights_only=False)
     assert sorted(state) == old["run_checkpoint_keys"]  # what the pre-move trainer put in a checkpoint
     state["config_hash"] = old["run"]
+    n = state["rng"]["numpy"]  # numpy's RNG state as the pre-move trainer pickled it: a tuple holding an ndarray
+    state["rng"]["numpy"] = (n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"])
     torch.save(state, ckpt)
 
     resumed = _fit(run, "--resume", "--quiet", args=[])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["config_hash"] == old["run"] and manifest["steps"] == 4  # what a sweep recognises a run by
+
+
+class _RunsCode:
+    """What a crafted checkpoint holds: unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    first = _fit(run, "--quiet", args=FAST_FIT + ["--steps", "4", "--checkpoint-every", "2"],
+                 env_extra={"CMALIGN_FAULT_KILL_AT_STEP": "3"})
+    assert first.returncode == -9, first.stderr[-2000:]
+    (ckpt,) = (run / "checkpoints").glob("step_*.pt")
+    state = torch.load(ckpt, weights_only=True)  # what cmalign writes loads without executing anything
+    marker = tmp_path / "pwned"
+    state["payload"] = _RunsCode(marker)
+    torch.save(state, ckpt)
+
+    resumed = _fit(run, "--resume", "--quiet", args=[])
+    assert resumed.returncode == 2, resumed.stderr[-2000:]
+    assert "refused: it holds objects other than tensors and plain values" in resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    assert not marker.exists(), "loading the checkpoint ran its code"
 
 
 def _pickled_globals(path) -> set[str]:

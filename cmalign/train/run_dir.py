@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +120,11 @@ def default_run_dir(cfg: FitConfig, root: str = "runs") -> str:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain Python values, so a checkpoint loads with ``weights_only``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():  # this device's only: a resume may see a different GPU count
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -126,7 +132,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        n = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)  # a tuple with an ndarray in checkpoints written before 0.1 loaded them safely
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -154,12 +163,32 @@ def save_checkpoint(run: RunDir, step: int, model, optimizer, scaler, scheduler:
     return path
 
 
+def _numpy_array_globals() -> list:
+    """What a numpy array in a pickle refers to: earlier checkpoints held numpy's RNG state that way."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy 2
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]  # the keys are uint32
+
+
 def load_checkpoint_state(run: RunDir) -> dict | None:
-    """The newest readable checkpoint's state, or None when the run has none."""
+    """The newest readable checkpoint's state, or None when the run has none.
+
+    A checkpoint is loaded with ``weights_only=True``: tensors, plain Python values and numpy arrays, nothing that
+    runs code. A run directory from elsewhere can hold a crafted pickle; it is refused, never executed.
+    """
     for path in reversed(run.checkpoints()):
         try:
-            # Our own file: it holds numpy RNG state and Python objects, so not weights_only.
-            return torch.load(path, map_location="cpu", weights_only=False)
+            with torch.serialization.safe_globals(_numpy_array_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            what = re.search(r"(Unsupported global: [^\n]*|but got [^\n]*)", str(e))
+            raise RunDirectoryError(
+                f"{path}: refused: it holds objects other than tensors and plain values, which loading would "
+                f"have to execute ({what.group(1) if what else 'not a plain checkpoint'}). cmalign does not load "
+                "it; a run directory from someone else can carry code. Start a new run, or remove the file to "
+                "resume from an older checkpoint") from None
         except Exception as e:  # a checkpoint torn by a crash mid-write cannot exist (atomic), but be safe
             log.warning("cannot read checkpoint %s (%s); trying an older one", path, e)
     return None
