@@ -23,7 +23,8 @@ import cmalign
 import cmalign.export.manifest as mf
 from cmalign.artifacts import sources
 from cmalign.artifacts.atomic import atomic_dir, write_json
-from cmalign.errors import ConfigError, MissingInputError, OutputExistsError
+from cmalign.artifacts.outputs import check_output
+from cmalign.errors import ConfigError, MissingInputError
 from cmalign.export.graphs import ImageEncoder, TextEncoder, check_graph, export_graph
 from cmalign.export.parity import (
     PARITY_BATCHES,
@@ -114,8 +115,7 @@ def export_model(cfg: ExportConfig, log: Callable[[str], None] = lambda msg: Non
 
     t0 = time.time()
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
+    check_output(out, mf.KIND, inputs=[cfg.source, cfg.pretrained], overwrite=cfg.overwrite)
     model_name, pretrained, provenance = model_source(cfg)
     log(f"loading {model_name}" + (f" ({pretrained})" if pretrained else ""))
     loaded = load_model(model_name, pretrained)

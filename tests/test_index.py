@@ -458,3 +458,25 @@ def test_a_damaged_index_directory_and_a_bad_query_image_are_user_errors(val_emb
     (broken / "index.faiss").write_bytes(b"\0" * 64)
     r = runner.invoke(app, ["search", str(broken), "--text", "a red circle"])
     assert r.exit_code == 2 and "index.faiss: not a readable faiss index" in r.output
+
+
+def test_overwrite_replaces_an_index_but_never_the_embeddings_or_foreign_files(val_emb, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "idx"
+    assert runner.invoke(app, ["index", str(val_emb), "--out", str(out), "--factory", "Flat", "-q"]).exit_code == 0
+    first = json.loads((out / "manifest.json").read_text())
+    r = runner.invoke(app, ["index", str(val_emb), "--out", str(out), "--factory", "HNSW32", "-q", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "manifest.json").read_text())["factory"] == "HNSW32" != first["factory"]
+
+    before = sorted(p.relative_to(val_emb) for p in val_emb.rglob("*"))
+    r = runner.invoke(app, ["index", str(val_emb), "--out", str(val_emb), "--overwrite"])
+    assert r.exit_code == 2 and "is the input" in r.output
+    assert sorted(p.relative_to(val_emb) for p in val_emb.rglob("*")) == before
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"precious")
+    r = runner.invoke(app, ["index", str(val_emb), "--out", str(photos), "--overwrite"])
+    assert r.exit_code == 2 and "not a cmalign-index" in r.output
+    assert (photos / "holiday.jpg").read_bytes() == b"precious"

@@ -114,3 +114,12 @@ def test_sweep_refuses_bad_settings(tmp_path):
     r, text = _invoke(["--out", str(tmp_path / "busy")])
     assert r.exit_code == 2 and "not a sweep" in text
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_restarts_a_sweep_but_never_deletes_a_directory_that_is_not_one(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"precious")
+    r = CliRunner().invoke(app, ["sweep", "--alphas", "0", "--steps", "2", "--out", str(photos), "--overwrite"])
+    assert r.exit_code == 2 and "is not a sweep" in r.output
+    assert (photos / "holiday.jpg").read_bytes() == b"precious"

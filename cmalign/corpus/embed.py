@@ -19,6 +19,7 @@ import numpy as np
 
 import cmalign
 from cmalign.artifacts.atomic import atomic_write, write_json
+from cmalign.artifacts.outputs import refuse_inputs
 from cmalign.corpus.store import (
     EmbeddingsError,
     check_compatible,
@@ -109,6 +110,8 @@ def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | 
         raise ConfigError(f"dtype must be float32 or float16, got {cfg.dtype!r}")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {cfg.batch_size}")
+    # shards written into the export, or into a folder data set, would mix with what they are read from
+    refuse_inputs(cfg.out, [cfg.export, cfg.data if cfg.data and Path(cfg.data).is_dir() else None])
     model = ExportedModel(cfg.export, provider=cfg.provider, variant=cfg.variant, threads=cfg.threads)
     out = Path(cfg.out)
     paths = shard_paths(out, index)

@@ -16,8 +16,9 @@ import numpy as np
 import cmalign
 from cmalign.artifacts.atomic import atomic_dir, write_json
 from cmalign.artifacts.manifests import read_manifest_file
+from cmalign.artifacts.outputs import check_output
 from cmalign.artifacts.sources import RUN, resolve_source
-from cmalign.errors import ConfigError, OutputExistsError
+from cmalign.errors import ConfigError
 from cmalign.evaluation import encoders
 from cmalign.evaluation.captioning.tokenize import NAME as TOKENIZER_NAME
 from cmalign.evaluation.config import EvalConfig
@@ -128,8 +129,9 @@ def evaluate(cfg: EvalConfig, log=None, progress=None) -> EvalResult:
     tick = progress or (lambda _msg: None)
     t_start = time.perf_counter()
     out = Path(cfg.out) if cfg.out else default_out(cfg)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise OutputExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or --out elsewhere")
+    baseline_dir = cfg.baseline if cfg.baseline not in ("auto", "base", "none") else None
+    check_output(out, KIND, "metrics.json", inputs=[cfg.source, baseline_dir, cfg.data, cfg.fit_data],
+                 overwrite=cfg.overwrite, exists_hint=", or --out elsewhere")
     timings: dict = {}
 
     t0 = time.perf_counter()

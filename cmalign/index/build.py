@@ -24,8 +24,9 @@ import numpy as np
 
 import cmalign
 from cmalign.artifacts.atomic import atomic_dir, write_json
+from cmalign.artifacts.outputs import check_output
 from cmalign.corpus.store import EmbeddingsError, read_merged_manifest
-from cmalign.errors import ConfigError, OutputExistsError
+from cmalign.errors import ConfigError
 from cmalign.index.choice import (
     FLAT_MAX,
     HNSW_EF_CONSTRUCTION,
@@ -89,9 +90,8 @@ def build_index(cfg: IndexConfig, progress: Progress | None = None) -> IndexResu
     faiss = import_faiss(cfg.threads)
     emb_dir = Path(cfg.embeddings)
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it, or `cmalign index-add {out} EMB` to "
-                                "add new embeddings to it")
+    check_output(out, KIND, inputs=[emb_dir], overwrite=cfg.overwrite,
+                 exists_hint=f", or `cmalign index-add {out} EMB` to add new embeddings to it")
     if not 0 < cfg.recall_target <= 1:
         raise ConfigError(f"recall target must be in (0, 1], got {cfg.recall_target}")
     if cfg.k < 1 or cfg.tune_queries < 1:

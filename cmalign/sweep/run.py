@@ -25,6 +25,7 @@ from pathlib import Path
 
 import cmalign
 from cmalign.artifacts.atomic import write_json
+from cmalign.artifacts.outputs import refuse_inputs
 from cmalign.artifacts.sources import run_finished
 from cmalign.errors import CmalignError
 from cmalign.sweep.analysis import flatten, r2_table, recommend
@@ -162,6 +163,7 @@ def _job(args) -> dict:
 
 
 def _check_out(cfg: SweepConfig, out: Path) -> None:
+    refuse_inputs(out, [cfg.data, cfg.val, cfg.pretrained])
     identity_file = out / "sweep_config.json"
     if identity_file.is_file():
         old = json.loads(identity_file.read_text()).get("identity")
@@ -171,9 +173,8 @@ def _check_out(cfg: SweepConfig, out: Path) -> None:
                                  "use another --out, or --overwrite to start it again")
             shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise SweepError(f"{out} exists and is not a sweep; choose another --out")
-        shutil.rmtree(out)
+        # --overwrite restarts a sweep, but never deletes a directory that is not one
+        raise SweepError(f"{out} exists and is not a sweep; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json(identity_file, {"kind": KIND, "identity": cfg.identity(), "cmalign_version": cmalign.__version__})
 
