@@ -272,3 +272,19 @@ def test_an_unknown_key_is_still_a_key_error_with_a_readable_message():
     with pytest.raises(KeyError) as e:
         load_config(overrides={"train.stepz": 3})
     assert isinstance(e.value, ConfigError) and str(e.value).startswith("unknown config key 'train.stepz'")
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"loss.mmd_bandwidths": ""}, r"mmd_bandwidths must be one or more finite numbers > 0 .*, got \(\)"),
+    ({"loss.mmd_bandwidths": "1,-2"}, r"mmd_bandwidths must be one or more finite numbers > 0"),
+    ({"loss.lambda_centroid": "inf"}, r"loss.lambda_centroid must be a finite number >= 0, got inf"),
+])
+def test_loss_settings_that_would_fail_mid_training_fail_at_load(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=overrides)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_alpha_target_must_be_finite_and_non_negative(value):
+    with pytest.raises(ConfigError, match=f"alpha_target must be a finite number >= 0, got {float(value)}"):
+        load_config(overrides={"alpha_target": value}).validate()

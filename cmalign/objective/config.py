@@ -8,6 +8,7 @@ and part of the config hash: renaming one breaks every existing run directory.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from cmalign.errors import ConfigError
@@ -33,6 +34,14 @@ class CMAConfig:
         if self.distribution not in DISTRIBUTION_TERMS:
             raise ConfigError(f"distribution term must be one of {', '.join(DISTRIBUTION_TERMS)}, "
                              f"got '{self.distribution}'")
+        for name in ("lambda_centroid", "lambda_distribution"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"loss.{name} must be a finite number >= 0, got {value}")
+        bandwidths = tuple(self.mmd_bandwidths)
+        if not bandwidths or not all(math.isfinite(b) and b > 0 for b in bandwidths):
+            raise ConfigError("loss.mmd_bandwidths must be one or more finite numbers > 0 (multiples of the median "
+                              f"pairwise distance), got {bandwidths}")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,8 +114,10 @@ class FitConfig:
         return self
 
     def validate(self) -> FitConfig:
-        if self.alpha_target < 0:
-            raise ConfigError(f"alpha_target must be >= 0, got {self.alpha_target}")
+        if not (math.isfinite(self.alpha_target) and self.alpha_target >= 0):
+            raise ConfigError(f"alpha_target must be a finite number >= 0, got {self.alpha_target}")
+        if self.optim.lr is not None and not (math.isfinite(self.optim.lr) and self.optim.lr > 0):
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.optim.lr}")
         if self.train.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {self.train.steps}")
         if self.train.batch_size < 2:
