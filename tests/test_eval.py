@@ -155,11 +155,12 @@ def test_bad_input_gets_a_clear_error_and_keeps_an_old_report(base_model_dir, tm
 
     out = tmp_path / "kept"
     out.mkdir()
-    (out / "metrics.json").write_text("{}")
+    old_report = '{"kind": "cmalign-eval"}'
+    (out / "metrics.json").write_text(old_report)
     r, text = _invoke([str(base_model_dir), "--data", str(tmp_path / "missing.csv"), "--out", str(out),
                        "--overwrite"])
     assert r.exit_code == 2 and "missing.csv" in text
-    assert (out / "metrics.json").read_text() == "{}"
+    assert (out / "metrics.json").read_text() == old_report
 
 
 def test_caption_task_with_a_local_language_model(base_model_dir, tmp_path):

@@ -480,3 +480,18 @@ def test_overwrite_replaces_an_index_but_never_the_embeddings_or_foreign_files(v
     r = runner.invoke(app, ["index", str(val_emb), "--out", str(photos), "--overwrite"])
     assert r.exit_code == 2 and "not a cmalign-index" in r.output
     assert (photos / "holiday.jpg").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("factory", ["HNSW32", "IVF16,PQ16x4fs,Refine(SQ8)"])
+def test_a_selective_filter_still_returns_k_of_that_modality(val_emb, queries, tmp_path, factory):
+    """1 image in 6 items: HNSW's graph walk runs out of image candidates before k; the exact fallback does not."""
+    out = tmp_path / "idx"
+    build_index(IndexConfig(embeddings=str(val_emb), out=str(out), factory=factory, tune_queries=200))
+    index = JointIndex(out)
+    n_images = index.count("image")
+    for k in (500, n_images):
+        scores, ids = index.search(queries[:20], k, "image")
+        assert (ids >= 0).all(), f"{factory} k={k}: only {(ids >= 0).sum(1).min()} of {k} came back"
+        assert all(len(set(row)) == k for row in ids.tolist())
+        assert set(index.ids["modality"].to_numpy()[ids.ravel()]) == {"image"}
+        assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first

@@ -12,6 +12,7 @@ Torch-free (faiss, numpy, pandas). To search with text or images rather than vec
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,9 +21,11 @@ import numpy as np
 from cmalign.errors import ConfigError
 from cmalign.index.directory import IDS_FILE, MANIFEST, read_index_manifest
 from cmalign.index.errors import GpuUnavailableError, IndexFormatError
-from cmalign.index.faiss_backend import check_gpu, import_faiss, to_gpu
+from cmalign.index.faiss_backend import check_gpu, import_faiss, to_gpu, unwrap
 from cmalign.index.tuning import get_search_params, search_parameters, set_search_params, widen
 from cmalign.index.vectors import clean_vectors
+
+log = logging.getLogger("cmalign.index")
 
 MODALITIES = ("any", "image", "text")
 
@@ -103,7 +106,10 @@ class JointIndex:
 
         Filtering runs inside faiss (an IDSelector), so a filtered search still returns k items of that modality.
         Approximate indexes can come back short under a filter (IVF lists or HNSW paths holding few such items):
-        then the search widens (nprobe/efSearch doubled) until k are found or the knobs are at their limits.
+        then the search widens (nprobe/efSearch doubled) until k are found or the knobs are at their limits, and
+        the queries still short are answered by an exact scan over that modality's vectors as the index stores
+        them. Fewer than ``min(k, count(modality))`` results come back only for an index that cannot give its
+        vectors back (faiss cannot reconstruct it); :meth:`hits` callers see it as a short row.
         """
         if modality not in MODALITIES:
             raise ConfigError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
@@ -122,8 +128,39 @@ class JointIndex:
         while True:
             params, _keep = search_parameters(self.index, selector, knobs)
             scores, ids = self.index.search(queries, k, params=params)
-            if not (ids[:, :want] < 0).any() or not widen(self.index, knobs):
-                return scores, ids
+            short = (ids[:, :want] < 0).any(axis=1)
+            if not short.any() or not widen(self.index, knobs):
+                break
+        if short.any() and modality != "any":
+            exact = self._exact_scan(queries[short], k, modality)
+            if exact is not None:
+                scores[short], ids[short] = exact
+        return scores, ids
+
+    def _exact_scan(self, queries: np.ndarray, k: int, modality: str, block: int = 65536):
+        """(scores, ids) of an exact inner-product scan over ``modality``'s stored vectors, in blocks (bounded
+        memory); None when this index cannot reconstruct its vectors."""
+        members = np.flatnonzero(self._modality == modality).astype(np.int64)
+        best_s = np.full((len(queries), k), -np.inf, np.float32)
+        best_i = np.full((len(queries), k), -1, np.int64)
+        try:
+            ivf = unwrap(self.index, "ivf")
+            if ivf is not None and not ivf.direct_map.type:
+                ivf.make_direct_map()  # in memory only: lets IVF indexes give vectors back by id
+            for start in range(0, len(members), block):
+                ids = members[start:start + block]
+                vectors = self.index.reconstruct_batch(ids)
+                s = queries @ vectors.T
+                all_s = np.concatenate([best_s, s], 1)
+                all_i = np.concatenate([best_i, np.broadcast_to(ids, s.shape)], 1)
+                top = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+                best_s, best_i = np.take_along_axis(all_s, top, 1), np.take_along_axis(all_i, top, 1)
+        except RuntimeError as e:  # faiss: this index type stores no reconstructable vectors
+            log.warning("filtered search came back short and %s cannot reconstruct its vectors (%s)",
+                        self.manifest["factory"], str(e).strip().splitlines()[-1])
+            return None
+        best_i[~np.isfinite(best_s)] = -1
+        return best_s, best_i
 
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """Search results as rows of the id table."""
