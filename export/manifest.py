@@ -44,13 +44,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def fingerprint(export_dir: str | Path) -> str:
-    """Hash of the fp32 graphs, the preprocessing config and the tokenizer config."""
+FINGERPRINTED = (graph_file("image", "fp32"), graph_file("text", "fp32"), PREPROCESS, f"{TOKENIZER_DIR}/tokenizer.json")
+
+
+def fingerprint(export_dir: str | Path, known: dict[str, str] | None = None) -> str:
+    """Hash of the fp32 graphs, the preprocessing config and the tokenizer config (which holds the vocabulary's
+    hash); ``known`` maps file names to sha256 values already computed."""
     d = Path(export_dir)
     h = hashlib.sha256()
-    for rel in (graph_file("image", "fp32"), graph_file("text", "fp32"), PREPROCESS, f"{TOKENIZER_DIR}/tokenizer.json"):
+    for rel in FINGERPRINTED:
         h.update(rel.encode())
-        h.update(sha256_file(d / rel).encode())
+        h.update(((known or {}).get(rel) or sha256_file(d / rel)).encode())
     return h.hexdigest()[:16]
 
 

@@ -19,9 +19,11 @@ import numpy as np
 
 from cmalign.errors import CmalignError, ConfigError, MissingDependencyError
 from cmalign.export.manifest import (
+    FINGERPRINTED,
     PREPROCESS,
     TOKENIZER_DIR,
     ExportFormatError,
+    fingerprint,
     graph_file,
     read_manifest,
     sha256_file,
@@ -120,15 +122,24 @@ class ExportedModel:
         self.preprocessor = ImagePreprocessor.from_file(self.path / PREPROCESS)
         self.tokenizer = ClipTokenizer.from_dir(self.path / TOKENIZER_DIR)
         self._sessions = {}
+        hashed: dict[str, str] = {}
         for tower in ("image", "text"):
             entry = graphs[variant][tower]
             file = self.path / entry.get("file", graph_file(tower, variant))
             if not file.is_file():
                 raise ExportFormatError(f"{file}: missing (listed in {self.path / 'manifest.json'})")
-            if verify and entry.get("sha256") and sha256_file(file) != entry["sha256"]:
-                raise ExportFormatError(f"{file}: checksum differs from the manifest; the file was changed or is "
-                                        "truncated. Re-export, or pass verify=False to load it anyway")
+            if verify and entry.get("sha256"):
+                hashed[file.name] = sha256_file(file)
+                if hashed[file.name] != entry["sha256"]:
+                    raise ExportFormatError(f"{file}: checksum differs from the manifest; the file was changed or "
+                                            "is truncated. Re-export, or pass verify=False to load it anyway")
             self._sessions[tower] = make_session(file, provider, threads, optimization)
+        if verify and fingerprint(self.path, hashed) != self.fingerprint:
+            # the fingerprint is what indexes and embeddings are bound to: recomputed, not trusted from the manifest
+            raise ExportFormatError(
+                f"{self.path}: its files no longer match the manifest's fingerprint {self.fingerprint} (one of "
+                f"{', '.join(FINGERPRINTED)} was changed); embeddings from it would not be comparable. Re-export, "
+                "or pass verify=False to load it anyway")
         self.providers = self._sessions["image"].get_providers()
         self.context_length = self.tokenizer.context_length
 

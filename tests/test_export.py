@@ -290,3 +290,16 @@ def test_cli_exports_a_fit_run_and_a_plain_open_clip_model(base_model_dir, tmp_p
 def test_exporting_an_export_names_the_run_to_export_instead(tiny_export, tmp_path):
     with pytest.raises(ValueError, match="already an ONNX export; give the run"):
         export_model(ExportConfig(source=str(tiny_export.out), out=str(tmp_path / "again")))
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_an_edited_preprocessing_config_or_vocabulary_is_refused(tiny_export, tmp_path, variant):
+    """The fingerprint binds indexes and embeddings to an export: it is recomputed at load, not trusted."""
+    bad = tmp_path / "edited"
+    shutil.copytree(tiny_export.out, bad)
+    pre = json.loads((bad / "preprocess.json").read_text())
+    pre["mean"] = [m + 0.1 for m in pre["mean"]]
+    (bad / "preprocess.json").write_text(json.dumps(pre))
+    with pytest.raises(ExportFormatError, match="no longer match the manifest's fingerprint"):
+        load_export(bad, variant=variant)
+    assert load_export(bad, variant=variant, verify=False).fingerprint == load_export(tiny_export.out).fingerprint
