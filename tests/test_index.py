@@ -453,11 +453,36 @@ def test_a_damaged_index_directory_and_a_bad_query_image_are_user_errors(val_emb
     shutil.copytree(out, broken)
     (broken / "ids.parquet").write_bytes(b"not parquet")
     r = runner.invoke(app, ["search", str(broken), "--text", "a red circle"])
-    assert r.exit_code == 2 and "ids.parquet: cannot read the id table" in r.output
+    assert r.exit_code == 2 and "ids.parquet: size differs from the manifest" in r.output
     shutil.copy(out / "ids.parquet", broken / "ids.parquet")
+    data = bytearray((broken / "index.faiss").read_bytes())
+    data[len(data) // 2:len(data) // 2 + 800] = bytes(800)  # 800 bytes of vector data: scores would be garbage
+    (broken / "index.faiss").write_bytes(bytes(data))
+    r = runner.invoke(app, ["search", str(broken), "--text", "a red circle"])
+    assert r.exit_code == 2 and "index.faiss: checksum differs from the manifest" in r.output
+
+    # an index written before checksums were recorded: faiss's own reader still fails in one line
+    manifest = json.loads((broken / "manifest.json").read_text())
+    del manifest["checksums"]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
     (broken / "index.faiss").write_bytes(b"\0" * 64)
     r = runner.invoke(app, ["search", str(broken), "--text", "a red circle"])
     assert r.exit_code == 2 and "index.faiss: not a readable faiss index" in r.output
+
+
+def test_large_files_are_checked_by_a_sample_that_still_sees_their_ends(tmp_path, monkeypatch):
+    from cmalign.index import directory
+
+    monkeypatch.setattr(directory, "FULL_HASH_BYTES", 4 << 20)
+    path = tmp_path / "big.bin"
+    path.write_bytes(np.random.default_rng(0).bytes(12 << 20))
+    want = directory.file_checksum(path)
+    assert want["sampled"] and want["size"] == 12 << 20
+    for offset in (10, (12 << 20) - 10):
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 1
+        (tmp_path / "changed.bin").write_bytes(bytes(data))
+        assert directory.file_checksum(tmp_path / "changed.bin")["sha256"] != want["sha256"]
 
 
 def test_overwrite_replaces_an_index_but_never_the_embeddings_or_foreign_files(val_emb, tmp_path):

@@ -45,6 +45,7 @@ from cmalign.index.directory import (
     IVFDATA_FILE,
     KIND,
     MANIFEST,
+    checksums,
     counts,
     export_entry,
     part_entry,
@@ -155,6 +156,7 @@ def build_index(cfg: IndexConfig, progress: Progress | None = None) -> IndexResu
             "settings": {k: v for k, v in asdict(cfg).items() if k not in ("embeddings", "out", "overwrite")},
             "versions": versions(faiss),
         }
+        result_manifest["checksums"] = checksums(tmp, result_manifest["files"])
         write_json(tmp / MANIFEST, result_manifest)
     return IndexResult(out, result_manifest, time.time() - t0)
 

@@ -7,7 +7,8 @@ extending and loading an index agree on the format:
     IDX/index.ivfdata   the inverted lists of an on-disk IVF index (``on_disk=True``), beside index.faiss
     IDX/ids.parquet     id → modality, pair_id, part, shard, row, image_path, caption, label, key, source
     IDX/manifest.json   the export that made the embeddings (fingerprint), the factory and why it was chosen,
-                        the tuned search knobs and the recall they measured, the parts, versions
+                        the tuned search knobs and the recall they measured, the parts, versions, and a
+                        checksum of every file (verified at load: a damaged index is an error, not wrong scores)
 
 Each *part* is one merged embeddings directory (:mod:`cmalign.corpus.store`): the first from `cmalign index`,
 one more per `cmalign index-add`.
@@ -15,6 +16,7 @@ one more per `cmalign index-add`.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -38,6 +40,47 @@ def read_index_manifest(index_dir: str | Path) -> dict:
         raise IndexFormatError(f"index directory not found: {d}")
     return read_manifest_file(path, KIND, IndexFormatError, f"is {d} a directory written by `cmalign index`?",
                               FORMAT_VERSION)
+
+
+FULL_HASH_BYTES = 256 << 20  # files up to this size are hashed whole at every load (~0.5 s)
+_SAMPLE_BLOCKS, _BLOCK = 64, 64 << 10
+
+
+def file_checksum(path: Path) -> dict:
+    """{"size", "sha256", "sampled"}: the whole file's sha256 up to FULL_HASH_BYTES; above, a hash of its first and
+    last MiB and 64 evenly spaced 64 KiB blocks (a load must not read a 50 GB index twice)."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            while block := f.read(1 << 20):
+                h.update(block)
+        else:
+            spots = [(0, 1 << 20), (size - (1 << 20), 1 << 20)]
+            spots += [(i * (size - _BLOCK) // (_SAMPLE_BLOCKS - 1), _BLOCK) for i in range(_SAMPLE_BLOCKS)]
+            for offset, length in spots:
+                f.seek(offset)
+                h.update(f.read(length))
+    return {"size": size, "sha256": h.hexdigest(), "sampled": size > FULL_HASH_BYTES}
+
+
+def checksums(index_dir: Path, files: dict[str, str]) -> dict[str, dict]:
+    """The manifest's ``checksums`` entry for the directory's ``files`` (role → file name)."""
+    return {name: file_checksum(index_dir / name) for name in files.values()}
+
+
+def verify_checksums(index_dir: Path, manifest: dict) -> None:
+    """Raise IndexFormatError naming the first file whose size or checksum differs (indexes written before
+    checksums were recorded are not checked)."""
+    for name, want in manifest.get("checksums", {}).items():
+        path = index_dir / name
+        if not path.is_file():
+            raise IndexFormatError(f"{path}: missing (listed in {index_dir / MANIFEST})")
+        got = file_checksum(path)
+        if got["size"] != want["size"] or got["sha256"] != want["sha256"]:
+            what = "size" if got["size"] != want["size"] else "checksum"
+            raise IndexFormatError(f"{path}: {what} differs from the manifest; the file was changed or damaged after "
+                                   "`cmalign index` wrote it. Rebuild the index")
 
 
 def write_ids(path: Path, ids) -> None:

@@ -17,7 +17,16 @@ from cmalign.artifacts.atomic import atomic_dir, write_json
 from cmalign.corpus.store import EmbeddingsError, read_merged_manifest
 from cmalign.index.build import IndexResult, Progress, fill_and_tune
 from cmalign.index.choice import estimate_bytes
-from cmalign.index.directory import IDS_FILE, INDEX_FILE, MANIFEST, counts, part_entry, read_index_manifest, write_ids
+from cmalign.index.directory import (
+    IDS_FILE,
+    INDEX_FILE,
+    MANIFEST,
+    checksums,
+    counts,
+    part_entry,
+    read_index_manifest,
+    write_ids,
+)
 from cmalign.index.errors import ExportMismatchError, IndexBuildError
 from cmalign.index.faiss_backend import import_faiss
 from cmalign.index.joint import JointIndex
@@ -103,6 +112,7 @@ def add_to_index(index_dir: str | Path, embeddings: str | Path, retune: bool = T
     with atomic_dir(index_dir) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
         write_ids(tmp / IDS_FILE, ids)
+        new["checksums"] = checksums(tmp, new["files"])
         write_json(tmp / MANIFEST, new)
     return IndexResult(index_dir, new, time.time() - t0)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cmalign.errors import ConfigError
-from cmalign.index.directory import IDS_FILE, MANIFEST, read_index_manifest
+from cmalign.index.directory import IDS_FILE, MANIFEST, read_index_manifest, verify_checksums
 from cmalign.index.errors import GpuUnavailableError, IndexFormatError
 from cmalign.index.faiss_backend import check_gpu, import_faiss, to_gpu, unwrap
 from cmalign.index.tuning import get_search_params, search_parameters, set_search_params, widen
@@ -58,6 +58,7 @@ class JointIndex:
         file = self.path / self.manifest["files"]["index"]
         if not file.is_file():
             raise IndexFormatError(f"{file}: missing (listed in {self.path / MANIFEST})")
+        verify_checksums(self.path, self.manifest)
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR if self.manifest.get("on_disk") else 0
         try:
             self.index = faiss.read_index(str(file), flags)
