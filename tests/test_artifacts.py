@@ -28,3 +28,30 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_write(tmp_path):
+    from cmalign.artifacts.atomic import atomic_dir
+
+    dead, alive = _dead_pid(), os.getpid()
+    stale = tmp_path / f".idx.{dead}.abcd1234.tmp"
+    running = tmp_path / f".idx.{alive}.efgh5678.tmp"  # another writer of ours, still at work
+    old = tmp_path / f".idx.old-{dead}"
+    for d in (stale, running, old):
+        d.mkdir()
+    with atomic_dir(tmp_path / "idx") as tmp:
+        (tmp / "f").write_text("1")
+    assert not stale.exists() and running.exists()
+    assert old.exists()  # the swap was killed before: with no idx, this may be the only copy; kept
+    with atomic_dir(tmp_path / "idx") as tmp:
+        (tmp / "f").write_text("2")
+    assert not old.exists() and (tmp_path / "idx" / "f").read_text() == "2"

@@ -7,6 +7,7 @@ target with ``os.replace`` — the POSIX-atomic way; no library does this for bo
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -45,10 +46,13 @@ def atomic_dir(out: str | os.PathLike):
 
     A directory cannot be swapped in one atomic step: the old one is renamed aside, the new one renamed in,
     then the old one deleted, so a crash between the two renames leaves ``.NAME.old-PID`` holding it.
+    What a killed process left (its temporary directory; an old one, once ``out`` exists again) is removed by
+    the next write of ``out``: the names carry the writer's PID, and only those of dead processes are touched.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    _remove_leftovers(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
@@ -62,6 +66,27 @@ def atomic_dir(out: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_leftovers(out: Path) -> None:
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        parts = path.name[len(out.name) + 2:].split(".")  # "PID.RANDOM.tmp" or "old-PID"
+        pid = parts[0].removeprefix("old-")
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if parts[0].startswith("old-") and not out.exists():
+            continue  # the old artifact itself, when the swap was killed before the new one moved in
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
