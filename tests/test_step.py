@@ -170,8 +170,10 @@ def test_step_projection_reaches_the_parameters(tiny) -> None:
 
 
 @pytest.mark.parametrize("mode", ["project", "off"])
-def test_grad_scaler_path_runs_and_unscales_to_the_same_gradients(tiny, mode) -> None:
-    """fp16 AMP: the GradScaler scales the step's gradients, and unscaling gives the unscaled step's."""
+def test_grad_scaler_path_in_fp32_on_cpu_unscales_to_the_same_gradients(tiny, mode) -> None:
+    """The step's GradScaler path (the one fp16 AMP takes), run in fp32 on the CPU with a CPU scaler: no fp16
+    arithmetic happens here (that needs CUDA); what is checked is that the step scales its gradients through
+    the scaler and that unscaling gives the unscaled step's."""
     from cmalign.objective.cma_loss import CMALoss
 
     model, images, tokens = tiny
