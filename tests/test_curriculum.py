@@ -155,9 +155,12 @@ def test_alpha_is_non_decreasing_and_bounded_by_target(ramp: str, target: float,
     assert alphas[-1] == pytest.approx(target)
 
 
-def test_plateau_is_exactly_alpha_target() -> None:
-    cfg = CurriculumConfig(intro_alpha_ratio=0.1)
-    assert alpha_at(TOTAL - 1, TOTAL, 0.3, cfg)[0] <= 0.3
+@pytest.mark.parametrize("ramp", RAMPS)
+def test_plateau_is_exactly_alpha_target(ramp: str) -> None:
+    cfg = CurriculumConfig(intro_alpha_ratio=0.1, ramp=ramp)
+    hold_from = math.ceil(TOTAL * (cfg.warmup_fraction + cfg.intro_fraction
+                                   + (1 - cfg.warmup_fraction - cfg.intro_fraction) * cfg.full_ramp_fraction))
+    assert all(alpha_at(step, TOTAL, 0.3, cfg) == (0.3, 3) for step in range(hold_from, TOTAL))
 
 
 @pytest.mark.parametrize("ramp", RAMPS)
