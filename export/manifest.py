@@ -11,6 +11,7 @@ import hashlib
 from pathlib import Path
 
 from cmalign.artifacts import manifests
+from cmalign.artifacts.checksums import sha256_file
 from cmalign.errors import CmalignError
 
 KIND = "cmalign-export"
@@ -34,14 +35,6 @@ class ExportFormatError(CmalignError, ValueError):
 
 def graph_file(tower: str, variant: str) -> str:
     return f"{tower}_encoder.onnx" if variant == "fp32" else f"{tower}_encoder.{variant}.onnx"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 FINGERPRINTED = (graph_file("image", "fp32"), graph_file("text", "fp32"), PREPROCESS, f"{TOKENIZER_DIR}/tokenizer.json")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cmalign.artifacts.checksums import sha256_file
 from cmalign.errors import CmalignError, ConfigError, MissingDependencyError
 from cmalign.export.manifest import (
     FINGERPRINTED,
@@ -26,7 +27,6 @@ from cmalign.export.manifest import (
     fingerprint,
     graph_file,
     read_manifest,
-    sha256_file,
 )
 from cmalign.export.prefetch import prefetch_map
 from cmalign.export.preprocess import ImagePreprocessor

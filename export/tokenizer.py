@@ -13,7 +13,6 @@ An exported tokenizer is a directory holding ``tokenizer.json`` and the gzip'ed 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import html
 import os
 import string
@@ -26,6 +25,7 @@ import numpy as np
 import regex
 
 from cmalign.artifacts.atomic import atomic_write, write_json
+from cmalign.artifacts.checksums import sha256_file
 from cmalign.errors import CmalignError, ConfigError
 from cmalign.export.manifest import read_json_object
 
@@ -229,7 +229,7 @@ class ClipTokenizer:
         return {
             "type": TOKENIZER_TYPE,
             "vocab_file": self.vocab_path.name,
-            "vocab_sha256": _sha256(self.vocab_path),
+            "vocab_sha256": sha256_file(self.vocab_path),
             "context_length": self.context_length,
             "clean": self.clean,
             "additional_special_tokens": list(self.additional_special_tokens),
@@ -276,7 +276,7 @@ class ClipTokenizer:
             raise ConfigError(f"{cfg_path}, field 'vocab_file': {vocab_path} does not exist")
         if "vocab_sha256" in cfg:  # optional: written by save_tokenizer, checked when present
             want = cfg["vocab_sha256"]
-            got = _sha256(vocab_path)
+            got = sha256_file(vocab_path)
             if got != want:
                 raise ConfigError(f"{cfg_path}, field 'vocab_sha256': {vocab_path} hashes to {got}, expected {want!r}")
         try:
@@ -289,10 +289,6 @@ class ClipTokenizer:
                 raise ConfigError(f"{cfg_path}, field '{name}': recorded {want}, but {vocab_path.name} with the "
                                  f"recorded special tokens gives {got}")
         return tok
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def save_tokenizer(open_clip_tokenizer, out_dir: str | os.PathLike) -> dict:

@@ -471,18 +471,18 @@ def test_a_damaged_index_directory_and_a_bad_query_image_are_user_errors(val_emb
 
 
 def test_large_files_are_checked_by_a_sample_that_still_sees_their_ends(tmp_path, monkeypatch):
-    from cmalign.index import directory
+    from cmalign.artifacts import checksums
 
-    monkeypatch.setattr(directory, "FULL_HASH_BYTES", 4 << 20)
+    monkeypatch.setattr(checksums, "FULL_HASH_BYTES", 4 << 20)
     path = tmp_path / "big.bin"
     path.write_bytes(np.random.default_rng(0).bytes(12 << 20))
-    want = directory.file_checksum(path)
+    want = checksums.file_checksum(path)
     assert want["sampled"] and want["size"] == 12 << 20
     for offset in (10, (12 << 20) - 10):
         data = bytearray(path.read_bytes())
         data[offset] ^= 1
         (tmp_path / "changed.bin").write_bytes(bytes(data))
-        assert directory.file_checksum(tmp_path / "changed.bin")["sha256"] != want["sha256"]
+        assert checksums.file_checksum(tmp_path / "changed.bin")["sha256"] != want["sha256"]
 
 
 def test_overwrite_replaces_an_index_but_never_the_embeddings_or_foreign_files(val_emb, tmp_path):

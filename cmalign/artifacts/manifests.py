@@ -21,6 +21,16 @@ def read_json_object(path: str | Path, error: type[Exception], missing_hint: str
     return obj
 
 
+def json_object_or_none(path: str | Path) -> dict | None:
+    """The JSON object in ``path``, or None when it is missing or not one: for "is this one of ours?" questions,
+    where an unreadable file is an answer, not an error."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def read_manifest_file(path: str | Path, kind: str, error: type[Exception], missing_hint: str = "",
                        max_version: int | None = None) -> dict:
     """The JSON object at ``path``, checked to be of ``kind`` (and no newer than ``max_version``)."""

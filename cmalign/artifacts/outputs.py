@@ -7,10 +7,10 @@ of the command's inputs (``cmalign index EMB --out EMB --overwrite`` would destr
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from cmalign.artifacts.manifests import json_object_or_none
 from cmalign.errors import ConfigError, OutputExistsError
 
 
@@ -24,7 +24,7 @@ def check_output(out: str | Path, kind: str, manifest: str = "manifest.json", in
         return out
     if not overwrite:
         raise OutputExistsError(f"{out} exists; pass --overwrite to replace it{exists_hint}")
-    found = _kind_of(out / manifest) if out.is_dir() else None
+    found = (json_object_or_none(out / manifest) or {}).get("kind") if out.is_dir() else None
     if found != kind:
         held = f"a {found}" if found else ("a file" if not out.is_dir() else f"no {manifest} of a cmalign artifact")
         raise OutputExistsError(f"{out} holds {held}, not a {kind}: --overwrite replaces only a {kind} that cmalign "
@@ -44,10 +44,3 @@ def refuse_inputs(out: str | Path, inputs: Iterable) -> None:
             raise ConfigError(f"--out {out} {what} the input {item}; writing there would destroy what this command "
                               "reads. Choose another --out")
 
-
-def _kind_of(path: Path) -> str | None:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return obj.get("kind") if isinstance(obj, dict) else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cmalign.artifacts.manifests import read_json_object
+from cmalign.artifacts.manifests import json_object_or_none, read_json_object
 from cmalign.errors import CmalignError
 
 RUN, EXPORT, MODEL = "run", "export", "model"
@@ -70,10 +70,6 @@ def resolve_source(path: str | Path) -> Source:
 def run_finished(run_dir: str | Path, config_hash: str | None = None) -> bool:
     """Whether ``run_dir`` holds a finished run (its final model and manifest), of ``config_hash`` if given."""
     p = Path(run_dir)
-    if not (p / "model" / "open_clip_config.json").is_file() or not (p / "manifest.json").is_file():
-        return False
-    try:
-        manifest = read_json_object(p / "manifest.json", SourceError)
-    except SourceError:
-        return False
-    return manifest.get("kind") == "cmalign-run" and (config_hash is None or manifest.get("config_hash") == config_hash)
+    manifest = json_object_or_none(p / "manifest.json") or {}
+    return ((p / "model" / "open_clip_config.json").is_file() and manifest.get("kind") == "cmalign-run"
+            and (config_hash is None or manifest.get("config_hash") == config_hash))

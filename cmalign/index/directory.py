@@ -16,10 +16,10 @@ one more per `cmalign index-add`.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
+from cmalign.artifacts.checksums import file_checksum
 from cmalign.artifacts.manifests import read_manifest_file
 from cmalign.index.errors import IndexFormatError
 
@@ -40,28 +40,6 @@ def read_index_manifest(index_dir: str | Path) -> dict:
         raise IndexFormatError(f"index directory not found: {d}")
     return read_manifest_file(path, KIND, IndexFormatError, f"is {d} a directory written by `cmalign index`?",
                               FORMAT_VERSION)
-
-
-FULL_HASH_BYTES = 256 << 20  # files up to this size are hashed whole at every load (~0.5 s)
-_SAMPLE_BLOCKS, _BLOCK = 64, 64 << 10
-
-
-def file_checksum(path: Path) -> dict:
-    """{"size", "sha256", "sampled"}: the whole file's sha256 up to FULL_HASH_BYTES; above, a hash of its first and
-    last MiB and 64 evenly spaced 64 KiB blocks (a load must not read a 50 GB index twice)."""
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= FULL_HASH_BYTES:
-            while block := f.read(1 << 20):
-                h.update(block)
-        else:
-            spots = [(0, 1 << 20), (size - (1 << 20), 1 << 20)]
-            spots += [(i * (size - _BLOCK) // (_SAMPLE_BLOCKS - 1), _BLOCK) for i in range(_SAMPLE_BLOCKS)]
-            for offset, length in spots:
-                f.seek(offset)
-                h.update(f.read(length))
-    return {"size": size, "sha256": h.hexdigest(), "sampled": size > FULL_HASH_BYTES}
 
 
 def checksums(index_dir: Path, files: dict[str, str]) -> dict[str, dict]:

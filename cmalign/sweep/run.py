@@ -201,9 +201,10 @@ def sweep(cfg: SweepConfig, log=None) -> SweepResult:
     for spec in specs:  # bad --set keys or values surface now, not in the middle of the sweep
         fit_config(cfg, spec, out / "runs" / spec.name).validate()
     _check_out(cfg, out)
-    if cfg.model is None and cfg.pretrained is None:
-        from cmalign.model.base import ensure_base_model
+    from cmalign.model.base import ensure_base_model, wants_base_model
+    from cmalign.model.loading import TINY_MODEL
 
+    if wants_base_model(cfg.model or TINY_MODEL, cfg.pretrained):
         say("the embedded base model (built once and cached)")
         ensure_base_model()  # once, before parallel jobs would race for it
     threads = max(1, (os.cpu_count() or 1) // cfg.jobs) if cfg.jobs > 1 else 0
