@@ -271,7 +271,7 @@ def test_gap_report_agrees_with_individual_functions() -> None:
     assert r.raw == pytest.approx(raw_gap(x, y), rel=1e-12)
     assert r.centroid == pytest.approx(centroid_gap(x, y), rel=1e-12)
     assert r.paired_residual == pytest.approx(paired_residual(x, y), rel=1e-12)
-    assert r.mmd2 == pytest.approx(mmd2(x, y), rel=1e-12)
+    assert r.mmd2 == pytest.approx(mmd2(x, y, paired=True), rel=1e-12)
     assert r.bures == pytest.approx(bures(x, y), rel=1e-9)
     assert r.coral == pytest.approx(coral(x, y), rel=1e-12)
     assert r.w2 == pytest.approx(wasserstein2_gaussian(x, y), rel=1e-9)

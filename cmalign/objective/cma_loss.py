@@ -4,7 +4,7 @@
 
 ``L_clip`` is ``open_clip.ClipLoss`` (symmetric InfoNCE, learnable logit scale). μ̂ are batch
 means of the L2-normalised embeddings, x̃/ỹ the batch-centred embeddings, and ``D̂`` a distribution
-distance between the centred clouds: unbiased multi-bandwidth RBF MMD² (default), CORAL, or the
+distance between the centred clouds: unbiased multi-bandwidth RBF MMD² of the paired batch (default), CORAL, or the
 Bures distance of the covariances. ``s`` is the detached logit scale when ``scale_by_logit_scale``
 (default), so the term is in the same units as the contrastive logits, else 1. Under DDP the
 statistics use the features gathered from all ranks with gradients (``torch.distributed.nn.all_gather``,
@@ -34,18 +34,28 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (aa + bb.T - 2 * a @ b.T).clamp_min(0)
 
 
-def mmd2_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths=(0.5, 1.0, 2.0, 4.0)) -> torch.Tensor:
+@torch.no_grad()
+def _median_sq_distance(dxx: torch.Tensor, dyy: torch.Tensor, dxy: torch.Tensor) -> torch.Tensor:
+    """Median heuristic over the distinct pairs (i < j) of the pooled sample, as cmalign.metrics.gap.mmd2 does."""
+    n, m = dxx.shape[0], dyy.shape[0]
+    pooled = torch.cat([dxx[torch.triu_indices(n, n, 1, device=dxx.device).unbind()],
+                        dyy[torch.triu_indices(m, m, 1, device=dyy.device).unbind()], dxy.flatten()])
+    return pooled.sqrt().median().clamp_min(1e-6) ** 2
+
+
+def mmd2_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths=(0.5, 1.0, 2.0, 4.0), paired: bool = False,
+             sigma: float | None = None) -> torch.Tensor:
     """Unbiased MMD² with a mixture of RBF kernels, bandwidths as multiples of the median distance.
 
-    The median is taken without gradient (it sets the scale, it is not a thing to optimise).
+    The median is taken without gradient (it sets the scale, it is not a thing to optimise). ``paired``: row i of
+    x and of y are a matched pair, so the cross term leaves out k(x_i, y_i) as the within terms leave out their
+    diagonals (the U-statistic over i ≠ j, as ``cmalign.metrics.gap.mmd2(paired=True)``). With the diagonal in,
+    the term would also pull each pair together and its estimate would be biased low. ``sigma``: a fixed kernel
+    scale instead of the median heuristic.
     """
     n, m = x.shape[0], y.shape[0]
     dxx, dyy, dxy = _sq_dists(x, x), _sq_dists(y, y), _sq_dists(x, y)
-    with torch.no_grad():
-        # Median heuristic over the distinct pairs (i < j) of the pooled sample, as cmalign.metrics.gap.mmd2 does.
-        pooled = torch.cat([dxx[torch.triu_indices(n, n, 1, device=x.device).unbind()],
-                            dyy[torch.triu_indices(m, m, 1, device=x.device).unbind()], dxy.flatten()])
-        sigma2 = pooled.sqrt().median().clamp_min(1e-6) ** 2
+    sigma2 = _median_sq_distance(dxx, dyy, dxy) if sigma is None else float(sigma) ** 2
     kxx = kyy = kxy = 0
     for mult in bandwidths:
         gamma = 1.0 / (2 * (mult**2) * sigma2)
@@ -56,7 +66,8 @@ def mmd2_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths=(0.5, 1.0, 2.0, 4.0)) 
     kxx, kyy, kxy = kxx / k, kyy / k, kxy / k
     sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
     syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-    return sxx + syy - 2 * kxy.mean()
+    sxy = (kxy.sum() - kxy.diagonal().sum()) / (n * (n - 1)) if paired else kxy.mean()
+    return sxx + syy - 2 * sxy
 
 
 def _cov(x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +110,7 @@ class CMALoss(torch.nn.Module):
         centroid = ((mu_x - mu_y) ** 2).sum()
         xc, yc = x - mu_x, y - mu_y
         if self.cfg.distribution == "mmd":
-            distribution = mmd2_rbf(xc, yc, self.cfg.mmd_bandwidths)
+            distribution = mmd2_rbf(xc, yc, self.cfg.mmd_bandwidths, paired=True)
         elif self.cfg.distribution == "coral":
             distribution = coral(xc, yc)
         else:

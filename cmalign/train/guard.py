@@ -61,6 +61,6 @@ def guard_metrics(model, pairs: PairSet, preprocess, tokenizer, device, full: bo
     if full:
         out.update(gap.gap_report(x, y).to_dict())
     else:
-        out.update({"centroid": gap.centroid_gap(x, y), "raw": gap.raw_gap(x, y), "mmd2": gap.mmd2(x, y)})
+        out.update({"centroid": gap.centroid_gap(x, y), "raw": gap.raw_gap(x, y), "mmd2": gap.mmd2(x, y, paired=True)})
     out["n_images"] = int(len(pairs.images))
     return out
