@@ -31,7 +31,8 @@ def export_command(
     int8_full_range: Annotated[bool, typer.Option("--int8-full-range", help="8-bit instead of 7-bit int8 weights: "
                                                   "faster on CPUs without AVX-512 VNNI but can saturate there "
                                                   "(ViT-B-32: min cosine 0.980 vs 0.999).")] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 20,
+    opset: Annotated[int, typer.Option(help="ONNX opset: 18-25 with dynamo (<= 22 with --int8), 14-23 with "
+                                            "--exporter legacy.")] = 20,
     exporter: Annotated[str, typer.Option(help="dynamo (torch.export) or legacy (TorchScript).")] = "dynamo",
     retrieval_images: Annotated[int, typer.Option(help="Generated validation images for the R@1 check of each "
                                                   "variant (0 skips it; int8's bound is enforced from 500).")] = 1000,

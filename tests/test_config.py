@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cmalign.errors import ConfigError
+from cmalign.objective.config import BLOCK_ONLY_SETTINGS
 from cmalign.train.config import FitConfig, apply_overrides, load_config, to_toml
 
 if sys.version_info >= (3, 11):
@@ -232,11 +233,32 @@ def test_config_written_before_the_relayout_loads_with_its_hash_and_keys(name: s
     path = PRE_MOVE / toml_file
     cfg = load_config(path)
     assert cfg.hash() == PRE_MOVE_HASHES[name]
-    assert tomllib.loads(to_toml(cfg)) == tomllib.loads(path.read_text())
+    old, new = tomllib.loads(path.read_text()), tomllib.loads(to_toml(cfg))
+    # written back with every old key and value; what was added since is the block scheduler's own settings
+    added = {k: v for k, v in new["scheduler"].items() if k not in old["scheduler"]}
+    assert set(added) == set(BLOCK_ONLY_SETTINGS)
+    assert {k: v for k, v in new["scheduler"].items() if k not in added} == old["scheduler"]
+    assert {k: v for k, v in new.items() if k != "scheduler"} == {k: v for k, v in old.items() if k != "scheduler"}
 
 
-def test_defaults_hash_as_before_the_relayout() -> None:
-    assert FitConfig().resolve_defaults().hash() == PRE_MOVE_HASHES["default"]
+def test_defaults_with_the_earlier_scheduler_hash_as_before_the_relayout() -> None:
+    # The default scheduler became "block" (a different training, so a different identity); with the mode it
+    # had then, the default config still hashes as it did, so no other default moved unnoticed.
+    cfg = FitConfig().resolve_defaults()
+    assert cfg.hash() != PRE_MOVE_HASHES["default"]
+    cfg.scheduler.mode = "project"
+    assert cfg.hash() == PRE_MOVE_HASHES["default"]
+
+
+def test_block_only_settings_are_part_of_the_identity_only_in_block_mode() -> None:
+    cfg = FitConfig().resolve_defaults()
+    h = cfg.hash()
+    cfg.scheduler.every = 5
+    assert cfg.hash() != h
+    cfg.scheduler.mode = "project"
+    h = cfg.hash()
+    cfg.scheduler.every = 10
+    assert cfg.hash() == h
 
 
 def test_sweep_runs_keep_the_identity_they_had_before_the_relayout() -> None:
@@ -244,8 +266,8 @@ def test_sweep_runs_keep_the_identity_they_had_before_the_relayout() -> None:
     from cmalign.sweep.config import SweepConfig
     from cmalign.sweep.run import RunSpec, fit_config
 
-    cfg = fit_config(SweepConfig(steps=50, fit_overrides={"optim.lr": "1e-3"}), RunSpec("a0.5", 0.5, {}, "alpha"),
-                     Path("sweeps/default/runs/a0.5"))
+    cfg = fit_config(SweepConfig(steps=50, fit_overrides={"optim.lr": "1e-3", "scheduler.mode": "project"}),
+                     RunSpec("a0.5", 0.5, {}, "alpha"), Path("sweeps/default/runs/a0.5"))
     assert cfg.hash() == PRE_MOVE_HASHES["sweep_a0.5"]
 
 

@@ -25,17 +25,26 @@ def _run(tmp_path, world, mode, distribution):
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("mode,distribution", [("project", "mmd"), ("off", "coral")])
+@pytest.mark.parametrize("mode,distribution", [("project", "mmd"), ("off", "coral"), ("block", "mmd")])
 def test_two_ranks_equal_one_process(tmp_path, mode, distribution):
     single = _run(tmp_path, 1, mode, distribution)
     ddp = _run(tmp_path, 2, mode, distribution)
     for key in ("clip", "centroid2", "distribution", "cma", "total"):
         assert ddp["row"][key] == pytest.approx(single["row"][key], rel=1e-5, abs=1e-7), key
-    if mode != "off":
+    if mode in ("project", "lr", "alpha"):
         assert ddp["decision"]["grad_cos"] == pytest.approx(single["decision"]["grad_cos"], abs=1e-5)
+    if mode == "block":  # the measuring step: per-block cosines over the global batch, so the same scales
+        assert ddp["decision"]["block_cos_min"] == pytest.approx(single["decision"]["block_cos_min"], abs=1e-5)
+        assert ddp["block_scales"] == pytest.approx(single["block_scales"], abs=1e-5)
+        assert min(single["block_scales"].values()) < 1.0  # it acted
     assert single["grads"].keys() == ddp["grads"].keys()
     for name, g in single["grads"].items():
-        torch.testing.assert_close(ddp["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+        if mode == "block":
+            # one process adds the two losses' parameter gradients by hand, DDP backpropagates their sum: the
+            # summation order differs (measured: at most 7.7e-7 of a tensor's norm; 1.1e-5 at one entry of 39)
+            assert float((ddp["grads"][name] - g).norm()) <= 5e-6 * float(g.norm()) + 1e-9, name
+        else:
+            torch.testing.assert_close(ddp["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_fit_under_torchrun_matches_single_process(tmp_path):

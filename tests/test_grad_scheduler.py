@@ -88,7 +88,7 @@ def test_projection_works_across_the_image_and_text_parts_jointly() -> None:
     # per part, g_a is aligned on the image part and opposed on the text part; the projection is global
     g_clip = two_tensors(1.0, 0.0, 1.0, 0.0)
     g_cma = two_tensors(0.1, 0.0, -0.6, 0.3)
-    sched = GradScheduler()
+    sched = GradScheduler(GradSchedulerConfig(mode="project"))
     d, combined = decide_and_combine(sched, g_clip, g_cma, alpha=1.0)
     assert d.projected
     gc = flat(g_clip)
@@ -177,7 +177,7 @@ def test_alpha_zero_measures_nothing(mode: str) -> None:
 
 
 def test_zero_gradient_is_not_a_conflict() -> None:
-    sched = GradScheduler()
+    sched = GradScheduler(GradSchedulerConfig(mode="project"))
     zero = [torch.zeros(1, 2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)]
     d, combined = decide_and_combine(sched, CONFLICT[0], zero, alpha=0.5)
     assert not d.projected and not d.capped and math.isfinite(d.cos)
@@ -198,9 +198,11 @@ def test_counters_and_state_dict_round_trip() -> None:
 
 
 def test_decision_log_keys() -> None:
-    d, _ = decide_and_combine(GradScheduler(), *CONFLICT, alpha=0.5)
+    d, _ = decide_and_combine(GradScheduler(GradSchedulerConfig(mode="project")), *CONFLICT, alpha=0.5)
     log = d.to_log()
-    assert set(log) == {"grad_cos", "grad_ratio", "alpha", "alpha_eff", "lr_scale", "projected", "capped"}
+    assert set(log) == {"grad_cos", "grad_ratio", "alpha", "alpha_eff", "lr_scale", "projected", "capped",
+                        "block_cos_min", "block_conflict_share", "block_ratio_max"}  # None: not a block measurement
+    assert log["block_cos_min"] is None
     assert log["projected"] is True and log["grad_cos"] == d.cos
 
 

@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from cmalign.errors import ConfigError
 
 DISTRIBUTION_TERMS = ("mmd", "coral", "bures")
-MODES = ("project", "lr", "alpha", "off")  # gradient-aware scheduler modes
+MODES = ("block", "project", "lr", "alpha", "off")  # gradient-aware scheduler modes
+BLOCK_LEVELS = ("layer", "tensor")
+# Settings only the block scheduler reads: inert in the other modes, so a run's identity (its config hash) leaves
+# them out there, and configs written before they existed keep their hashes.
+BLOCK_ONLY_SETTINGS = ("every", "from_phase", "conflict_cos", "recovery", "blocks")
 
 
 @dataclass
@@ -46,12 +50,33 @@ class CMAConfig:
 
 @dataclass
 class GradSchedulerConfig:
-    mode: str = "project"
-    max_ratio: float = 1.0
-    min_lr_scale: float = 0.25
+    """``block`` (default): per parameter block, lower the learning rate of conflicting blocks
+    (:mod:`cmalign.objective.block_scheduler`); ``project`` / ``lr`` / ``alpha``: the embedding-space variants
+    (:mod:`cmalign.objective.grad_scheduler`); ``off``: plain L_clip + α·L_cma."""
+
+    mode: str = "block"
+    max_ratio: float = 1.0  # ρ: alignment gradient at most this times the contrastive one (per block / overall)
+    min_lr_scale: float = 0.25  # floor of a throttled learning-rate scale
+    every: int = 10  # block: measure every this many optimizer steps
+    from_phase: int = 3  # block: acts from this curriculum phase on (the paper: phase 3)
+    conflict_cos: float = 0.0  # block: a block conflicts when its cosine is below −conflict_cos
+    recovery: float = 0.5  # block: per measurement, a scale moves this share of the way back up to its target
+    blocks: str = "layer"  # block: "layer" (one transformer layer / module) or "tensor"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ConfigError(f"scheduler mode must be one of {', '.join(MODES)}, got '{self.mode}'")
-        if self.max_ratio <= 0:
-            raise ConfigError(f"scheduler.max_ratio must be > 0, got {self.max_ratio}")
+        if not (math.isfinite(self.max_ratio) and self.max_ratio > 0):
+            raise ConfigError(f"scheduler.max_ratio must be a finite number > 0, got {self.max_ratio}")
+        if not 0 < self.min_lr_scale <= 1:
+            raise ConfigError(f"scheduler.min_lr_scale must be in (0, 1], got {self.min_lr_scale}")
+        if not (isinstance(self.every, int) and self.every >= 1):
+            raise ConfigError(f"scheduler.every must be a whole number >= 1, got {self.every}")
+        if self.from_phase not in (1, 2, 3):
+            raise ConfigError(f"scheduler.from_phase must be 1, 2 or 3, got {self.from_phase}")
+        if not 0 <= self.conflict_cos < 1:
+            raise ConfigError(f"scheduler.conflict_cos must be in [0, 1), got {self.conflict_cos}")
+        if not 0 < self.recovery <= 1:
+            raise ConfigError(f"scheduler.recovery must be in (0, 1], got {self.recovery}")
+        if self.blocks not in BLOCK_LEVELS:
+            raise ConfigError(f"scheduler.blocks must be one of {', '.join(BLOCK_LEVELS)}, got '{self.blocks}'")

@@ -23,7 +23,13 @@ from typing import Any
 
 from cmalign.data.options import ReaderOptions
 from cmalign.errors import ConfigError, MissingInputError
-from cmalign.objective.config import DISTRIBUTION_TERMS, MODES, CMAConfig, GradSchedulerConfig  # noqa: F401
+from cmalign.objective.config import (  # noqa: F401
+    BLOCK_ONLY_SETTINGS,
+    DISTRIBUTION_TERMS,
+    MODES,
+    CMAConfig,
+    GradSchedulerConfig,
+)
 from cmalign.objective.curriculum import CurriculumConfig
 
 if sys.version_info >= (3, 11):
@@ -140,6 +146,9 @@ class FitConfig:
         for k in ("out", "checkpoint_every", "keep_checkpoints", "guard_every", "threads", "device"):
             d["train"].pop(k, None)
         d["data"].pop("num_workers", None)
+        if d["scheduler"]["mode"] != "block":
+            for k in BLOCK_ONLY_SETTINGS:
+                d["scheduler"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -50,14 +50,23 @@ class FitProgress:
             self.console.print(f"step {step}/{self.total}  {info}", highlight=False)
 
 
+def alpha_in_paper_units(alpha: float, logit_scale: float, scale_by_logit_scale: bool) -> float:
+    """The paper's α for cmalign's: cmalign weighs the CMA term by α·s (s the logit scale) where the paper's
+    L_clip + α·L_cma has α alone, so the paper's α is α·s (s ≈ 100 for a trained CLIP: cmalign's 0.5 is 50)."""
+    return alpha * logit_scale if scale_by_logit_scale else alpha
+
+
 def print_start(console, cfg, counts: dict, splits, guard, device, precision: str, env, workers: int,
-                start_step: int) -> None:
+                start_step: int, logit_scale: float) -> None:
     """One paragraph: what is trained, on what, how, and where the run directory is."""
     what = f"resuming at step {start_step}" if start_step else "starting"
+    paper = alpha_in_paper_units(cfg.alpha_target, logit_scale, cfg.loss.scale_by_logit_scale)
+    alpha = (f"α_target {cfg.alpha_target} (paper units {paper:.3g}: × logit scale {logit_scale:.3g})"
+             if cfg.loss.scale_by_logit_scale and cfg.alpha_target else f"α_target {cfg.alpha_target}")
     console.print(
         f"[bold]cmalign fit[/] {what}: model {cfg.model.name} "
         f"({counts['trainable'] / 1e6:.2f}M of {counts['total'] / 1e6:.2f}M parameters train, "
-        f"trainable={cfg.model.trainable}), α_target {cfg.alpha_target}, {cfg.train.steps} steps × batch "
+        f"trainable={cfg.model.trainable}), {alpha}, {cfg.train.steps} steps × batch "
         f"{cfg.train.batch_size}×{env.world_size}×{cfg.optim.accum_steps}, {device} {precision}, "
         f"{workers} data workers\n  train {len(splits.train)} pairs ({splits.description.get('train')}), "
         f"val {len(guard.images)} images / {len(guard.captions)} captions"

@@ -33,8 +33,8 @@ from cmalign.model.loading import save_local_dir
 from cmalign.objective.curriculum import alpha_at
 from cmalign.objective.step import TrainingDiverged
 from cmalign.train.config import FitConfig
-from cmalign.train.console import FitProgress, print_start
-from cmalign.train.optimizer import clip_gradients, lr_at, step_optimizer
+from cmalign.train.console import FitProgress, alpha_in_paper_units, print_start
+from cmalign.train.optimizer import apply_block_scales, clip_gradients, lr_at, step_optimizer
 from cmalign.train.run_dir import save_checkpoint
 from cmalign.train.setup import FitRun, set_up
 
@@ -63,7 +63,7 @@ def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool 
     r = set_up(cfg, resume, console)
     if r.env.main:
         print_start(console, cfg, r.counts, r.splits, r.guard, r.device, r.precision, r.env, r.workers,
-                    r.start_step)
+                    r.start_step, float(r.model.logit_scale.detach().exp()))
     progress = FitProgress(console, cfg.train.steps, r.start_step, enabled=show_progress and r.env.main,
                            show_alpha=cfg.alpha_target > 0)
     steps = _train_steps(r, progress)
@@ -99,7 +99,7 @@ def _train_steps(r: FitRun, progress: FitProgress) -> int:
                 if _due(step, cfg.train.checkpoint_every, cfg.train.steps):
                     if env.main:
                         r.last_checkpoint = save_checkpoint(r.run, step, r.model, r.optimizer, r.scaler,
-                                                            r.scheduler, cfg, cfg.train.keep_checkpoints)
+                                                            r.scheduler, cfg, cfg.train.keep_checkpoints, r.blocks)
                     env.barrier()
                 progress.update(step, entry)
     finally:
@@ -119,6 +119,7 @@ def _optimizer_step(r: FitRun, step: int, batches, params: list) -> dict:
     cfg, env = r.cfg, r.env
     alpha, phase = alpha_at(step, cfg.train.steps, cfg.alpha_target, cfg.curriculum)
     accum = cfg.optim.accum_steps
+    measure = r.blocks is not None and r.blocks.due(step, phase, alpha)  # on the first micro-batch
     rows, decisions = [], []
     for micro in range(accum):
         images, tokens, bad = next(batches)
@@ -129,7 +130,8 @@ def _optimizer_step(r: FitRun, step: int, batches, params: list) -> dict:
         sync = nullcontext() if env.world_size == 1 or micro == accum - 1 else r.train_model.no_sync()
         try:
             with sync:
-                row, d = r.step_fn(images, tokens, alpha, r.autocast, r.scaler, grad_div=accum)
+                row, d = r.step_fn(images, tokens, alpha, r.autocast, r.scaler, grad_div=accum,
+                                   measure_blocks=measure and micro == 0)
         except TrainingDiverged as e:
             raise TrainingDiverged(f"step {step + 1}: {e}. Stopped; last good checkpoint: "
                                    f"{r.last_checkpoint or 'none (no checkpoint written yet)'}. "
@@ -142,6 +144,8 @@ def _optimizer_step(r: FitRun, step: int, batches, params: list) -> dict:
     if not math.isfinite(grad_norm) and r.scaler is None:
         raise TrainingDiverged(f"step {step + 1}: gradient norm is {grad_norm}. Stopped; last good "
                                f"checkpoint: {r.last_checkpoint or 'none'}. Try a lower --lr.")
+    if r.blocks is not None:
+        apply_block_scales(r.optimizer, r.blocks.scales)
     step_optimizer(r.model, r.optimizer, r.scaler, lr)
 
     entry = {"step": step + 1, "kind": "train", "phase": phase, "lr": lr, "grad_norm": grad_norm,
@@ -157,6 +161,8 @@ def _optimizer_step(r: FitRun, step: int, batches, params: list) -> dict:
             vals = [v for v in vals if v is not None]
             entry[k] = sum(vals) / len(vals) if vals else None
     entry["lr_scale"] = lr_scale
+    if r.blocks is not None:
+        entry.update(r.blocks.to_log())
     return entry
 
 
@@ -181,6 +187,9 @@ def _finish(r: FitRun, steps: int, t_start: float) -> FitResult:
             "model": cfg.model.name,
             "pretrained": r.pretrained,
             "alpha_target": cfg.alpha_target,
+            # the paper's α (its CMA term is not multiplied by the logit scale s): α·s with s at the end of the run
+            "alpha_target_paper_units": alpha_in_paper_units(cfg.alpha_target, float(r.model.logit_scale.exp()),
+                                                             cfg.loss.scale_by_logit_scale),
             "config_hash": cfg.hash(),
             "steps": steps,
             "world_size": env.world_size,
@@ -190,7 +199,8 @@ def _finish(r: FitRun, steps: int, t_start: float) -> FitResult:
             "train_samples": len(r.splits.train),
             "val_images": len(r.guard.images),
             "skipped_samples": len(r.bad_seen),
-            "grad_scheduler": {"mode": cfg.scheduler.mode, **r.scheduler.state_dict()},  # steps, conflicts, caps
+            "grad_scheduler": {"mode": cfg.scheduler.mode, **r.scheduler.state_dict(),  # steps, conflicts, caps
+                               **(_block_summary(r) if r.blocks is not None else {})},
             "trainable_parameters": r.counts["trainable"],
             "total_parameters": r.counts["total"],
             "seconds": round(result.seconds, 1),
@@ -199,6 +209,18 @@ def _finish(r: FitRun, steps: int, t_start: float) -> FitResult:
         })
     env.barrier()
     return result
+
+
+def _block_summary(r: FitRun) -> dict:
+    """What the block scheduler did: measurements, throttle events, and over the steps it acted in, the mean
+    share of blocks below full learning rate and the lowest scale any block reached (from the step log)."""
+    rows = [json.loads(line) for line in r.run.metrics.read_text().splitlines() if line.strip()]
+    acting = [row for row in rows if row.get("kind") == "train" and row.get("phase", 0) >= r.cfg.scheduler.from_phase]
+    shares = [row["blocks_throttled"] for row in acting if "blocks_throttled" in row]
+    return {"block_measurements": r.blocks.measurements, "block_throttles": r.blocks.throttles,
+            "blocks": len(r.blocks.blocks),
+            "mean_share_throttled": sum(shares) / len(shares) if shares else 0.0,
+            "min_lr_scale_reached": min(r.blocks.min_scale_seen, 1.0)}
 
 
 def _open_clip_version() -> str:

@@ -11,15 +11,41 @@ import math
 import torch
 
 from cmalign.model.loading import param_groups
+from cmalign.objective.block_scheduler import block_of
 from cmalign.train.config import FitConfig
 
 LOGIT_SCALE_MAX = math.log(100.0)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: FitConfig) -> torch.optim.AdamW:
-    """AdamW over open_clip's groups (no weight decay on gains, biases, the logit scale)."""
+    """AdamW over open_clip's groups (no weight decay on gains, biases, the logit scale).
+
+    Under the block scheduler each group is further split by parameter block (``group["block"]``), so a block's
+    learning rate can be lowered on its own.
+    """
     o = cfg.optim
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    groups = param_groups(model, o.weight_decay)
+    if cfg.scheduler.mode == "block":
+        groups = _split_by_block(model, groups, cfg.scheduler.blocks)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+def _split_by_block(model: torch.nn.Module, groups: list[dict], level: str) -> list[dict]:
+    block = {id(p): block_of(n, level) for n, p in model.named_parameters()}
+    out: dict[tuple, dict] = {}
+    for gi, g in enumerate(groups):
+        for p in g["params"]:
+            key = (block[id(p)], gi)
+            out.setdefault(key, {**{k: v for k, v in g.items() if k != "params"}, "params": [], "block": key[0]})
+            out[key]["params"].append(p)
+    return list(out.values())
+
+
+def apply_block_scales(optimizer, scales: dict[str, float]) -> None:
+    """Give each block's optimizer groups the block scheduler's learning-rate scale for the next update."""
+    for g in optimizer.param_groups:
+        if "block" in g:
+            g["lr_scale"] = scales.get(g["block"], 1.0)
 
 
 def lr_at(step: int, cfg: FitConfig) -> float:
@@ -45,9 +71,10 @@ def clip_gradients(optimizer, scaler, params: list, grad_clip: float) -> float:
 
 
 def step_optimizer(model, optimizer, scaler, lr: float) -> None:
-    """One update at ``lr`` (through the GradScaler under fp16), then zero the gradients, clamp the logit scale."""
+    """One update at ``lr`` (× a group's ``lr_scale``, the block scheduler's; through the GradScaler under fp16),
+    then zero the gradients, clamp the logit scale."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import cmalign
 from cmalign.artifacts.atomic import atomic_write
 from cmalign.errors import CmalignError
+from cmalign.objective.block_scheduler import BlockScheduler
 from cmalign.objective.grad_scheduler import GradScheduler
 from cmalign.train.config import FitConfig
 
@@ -142,7 +143,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run: RunDir, step: int, model, optimizer, scaler, scheduler: GradScheduler,
-                    cfg: FitConfig, keep: int) -> Path:
+                    cfg: FitConfig, keep: int, blocks: BlockScheduler | None = None) -> Path:
     """Write ``checkpoints/step_<step>.pt`` atomically and keep the newest ``keep`` (0: all)."""
     path = run.ckpt_dir / f"step_{step:08d}.pt"
     state = {
@@ -156,6 +157,8 @@ def save_checkpoint(run: RunDir, step: int, model, optimizer, scaler, scheduler:
         "config_hash": cfg.hash(),
         "cmalign_version": cmalign.__version__,
     }
+    if blocks is not None:  # only then: a checkpoint of any other mode keeps the keys it always had
+        state["block_scheduler"] = blocks.state_dict()
     with atomic_write(path, "wb") as f:
         torch.save(state, f)
     for old in run.checkpoints()[:-keep] if keep > 0 else []:

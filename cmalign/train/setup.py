@@ -28,6 +28,7 @@ from cmalign.data.splits import load_splits
 from cmalign.data.torch_pairs import PairDataset, ResumableBatchSampler, collate_pairs
 from cmalign.model.base import resolve_pretrained, wants_base_model
 from cmalign.model.loading import load_model, require_softmax_clip, select_trainable
+from cmalign.objective.block_scheduler import BlockScheduler, parameter_blocks
 from cmalign.objective.cma_loss import CMALoss
 from cmalign.objective.grad_scheduler import GradScheduler
 from cmalign.objective.step import TPCCMAStep
@@ -63,6 +64,7 @@ class FitRun:
     counts: dict  # trainable / total parameters
     optimizer: torch.optim.Optimizer
     scheduler: GradScheduler
+    blocks: BlockScheduler | None  # the per-block scheduler (scheduler mode "block")
     train_model: torch.nn.Module  # the model, DDP-wrapped under torchrun
     step_fn: TPCCMAStep
     loader: Any
@@ -99,10 +101,6 @@ def set_up(cfg: FitConfig, resume: bool, console) -> FitRun:
         s = splits.skipped[0]
         raise BadSampleError(f"{s.source}: field '{s.field}': {s.reason} "
                              f"({len(splits.skipped)} bad samples; --on-bad-sample skip would skip them)")
-    if env.main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        with atomic_write(run.path / "config.toml") as f:
-            f.write(to_toml(cfg))
 
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
@@ -111,7 +109,14 @@ def set_up(cfg: FitConfig, resume: bool, console) -> FitRun:
     loaded, counts = _build_model(cfg, pretrained, device)
     optimizer = build_optimizer(loaded.model, cfg)
     scheduler = GradScheduler(cfg.scheduler)
-    start_step, bad_seen = _restore(state, run, env, loaded.model, optimizer, scaler, scheduler)
+    blocks = (BlockScheduler(cfg.scheduler, list(parameter_blocks(loaded.model.named_parameters(),
+                                                                  cfg.scheduler.blocks)))
+              if cfg.scheduler.mode == "block" else None)
+    start_step, bad_seen = _restore(state, run, env, loaded.model, optimizer, scaler, scheduler, blocks)
+    if env.main:  # only once the model is built: a fit whose set-up fails leaves no run directory behind
+        run.path.mkdir(parents=True, exist_ok=True)
+        with atomic_write(run.path / "config.toml") as f:
+            f.write(to_toml(cfg))
     if env.main and splits.skipped:
         run.add_bad(env.rank, [b.to_dict() for b in splits.skipped], bad_seen)
 
@@ -120,15 +125,15 @@ def set_up(cfg: FitConfig, resume: bool, console) -> FitRun:
         train_model = torch.nn.parallel.DistributedDataParallel(
             loaded.model, device_ids=[device.index] if device.type == "cuda" else None)
     step_fn = TPCCMAStep(train_model, CMALoss(cfg.loss, rank=env.rank, world_size=env.world_size), scheduler,
-                         env.world_size)
+                         env.world_size, blocks)
     workers = _num_workers(cfg)
     loader = _loader(cfg, splits, loaded, env, device, start_step, workers)
     # only rank 0 evaluates (it decodes every validation image once to drop unreadable ones)
     guard = PairSet.from_records(splits.val, splits.class_templates, cfg.data.val_max_images) if env.main else None
     r = FitRun(cfg=cfg, env=env, device=device, autocast=autocast, scaler=scaler, precision=precision, run=run,
                splits=splits, loaded=loaded, pretrained=pretrained, counts=counts, optimizer=optimizer,
-               scheduler=scheduler, train_model=train_model, step_fn=step_fn, loader=loader, workers=workers,
-               guard=guard, start_step=start_step, bad_seen=bad_seen,
+               scheduler=scheduler, blocks=blocks, train_model=train_model, step_fn=step_fn, loader=loader,
+               workers=workers, guard=guard, start_step=start_step, bad_seen=bad_seen,
                last_checkpoint=run.checkpoints()[-1] if run.checkpoints() else None)
     if env.main:
         if state is not None and run.summary.exists():
@@ -151,7 +156,9 @@ def _open_run_dir(cfg: FitConfig, env: DistEnv, resume: bool) -> tuple[RunDir, d
     if resume:
         state = load_checkpoint_state(run)
         if state is None:
-            raise RunDirectoryError(f"--resume: no checkpoint found in {run.ckpt_dir}")
+            hint = ("; the fit stopped before its first one, so it is not a run yet: start it again without --resume"
+                    if not run.has_run() else "")
+            raise RunDirectoryError(f"--resume: no checkpoint found in {run.ckpt_dir}{hint}")
         if state["config_hash"] != cfg.hash():
             raise RunDirectoryError(
                 f"--resume: the config differs from the one {run.path} was started with "
@@ -191,7 +198,7 @@ def _build_model(cfg: FitConfig, pretrained: str | None, device):
 
 
 def _restore(state: dict | None, run: RunDir, env: DistEnv, model, optimizer, scaler,
-             scheduler: GradScheduler) -> tuple[int, set[str]]:
+             scheduler: GradScheduler, blocks: BlockScheduler | None) -> tuple[int, set[str]]:
     """(first step, bad samples listed so far): from the checkpoint, or a clean log for a new run."""
     if state is None:
         if env.main:
@@ -203,6 +210,8 @@ def _restore(state: dict | None, run: RunDir, env: DistEnv, model, optimizer, sc
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     scheduler.load_state_dict(state["grad_scheduler"])
+    if blocks is not None:
+        blocks.load_state_dict(state["block_scheduler"])
     if state.get("world_size", 1) != env.world_size:
         raise RunDirectoryError(
             f"--resume: {run.path} was trained with {state.get('world_size', 1)} processes, now "

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from cmalign.model.loading import load_model
+from cmalign.objective.block_scheduler import BlockScheduler, parameter_blocks
 from cmalign.objective.cma_loss import CMAConfig, CMALoss
 from cmalign.objective.grad_scheduler import GradScheduler, GradSchedulerConfig
 from cmalign.objective.step import TPCCMAStep
@@ -34,11 +35,15 @@ def main(out, mode, distribution):
     images, tokens = images[rank * per:(rank + 1) * per], tokens[rank * per:(rank + 1) * per]
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     loss = CMALoss(CMAConfig(distribution=distribution), rank=rank, world_size=world)
-    step = TPCCMAStep(train_model, loss, GradScheduler(GradSchedulerConfig(mode=mode)), world)
-    row, d = step(images, tokens, alpha=0.5, autocast=lambda: torch.autocast("cpu", enabled=False))
+    cfg = GradSchedulerConfig(mode=mode)
+    blocks = BlockScheduler(cfg, list(parameter_blocks(model.named_parameters()))) if mode == "block" else None
+    step = TPCCMAStep(train_model, loss, GradScheduler(cfg), world, blocks)
+    row, d = step(images, tokens, alpha=0.5, autocast=lambda: torch.autocast("cpu", enabled=False),
+                  measure_blocks=blocks is not None)
     if rank == 0:
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        torch.save({"row": row, "decision": d.to_log(), "grads": grads}, out)
+        torch.save({"row": row, "decision": d.to_log(), "grads": grads,
+                    "block_scales": blocks.scales if blocks else None}, out)
     if world > 1:
         dist.destroy_process_group()
 
