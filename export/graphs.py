@@ -19,6 +19,31 @@ from cmalign.export.parity import ParityError  # a graph that fails its checks i
 
 EXPORTERS = ("dynamo", "legacy")
 
+# The opsets each exporter writes as asked (measured with torch 2.14, onnx 1.23, onnxruntime 1.32 on open_clip's
+# ViTs). dynamo writes 18 and newer: asked for less, torch's version converter fails on these graphs and it writes
+# 18 anyway, with a warning; past 25 it writes an Attention node that onnx's checker rejects. legacy (TorchScript)
+# needs 14 for scaled_dot_product_attention, and torch refuses more than 23.
+OPSETS = {"dynamo": (18, 25), "legacy": (14, 23)}
+# From opset 23 dynamo writes ONNX's fused Attention op, which onnxruntime's quantize_dynamic turns into a
+# com.microsoft QAttention node (with an is_causal attribute) that onnxruntime then refuses to load.
+INT8_MAX_DYNAMO_OPSET = 22
+
+
+def check_export_settings(exporter: str, opset: int, int8: bool) -> None:
+    """Refuse, before any work, an exporter/opset pair that cannot give a graph at exactly that opset."""
+    if exporter not in EXPORTERS:
+        raise ConfigError(f"unknown exporter '{exporter}': expected one of {', '.join(EXPORTERS)}")
+    lo, hi = OPSETS[exporter]
+    if not lo <= opset <= hi:
+        others = [e for e, (a, b) in OPSETS.items() if e != exporter and a <= opset <= b]
+        raise ConfigError(f"--opset {opset} is not supported by the {exporter} exporter (it writes opsets {lo} to "
+                          f"{hi}" + (f"; --exporter {others[0]} writes opset {opset}" if others else "") +
+                          "). The default, 20, is the tested one")
+    if int8 and exporter == "dynamo" and opset > INT8_MAX_DYNAMO_OPSET:
+        raise ConfigError(f"--int8 with --opset {opset}: from opset 23 the dynamo exporter writes ONNX's fused "
+                          "Attention op, which onnxruntime's int8 quantisation turns into a graph onnxruntime "
+                          f"cannot load. Use --opset {INT8_MAX_DYNAMO_OPSET} or lower with --int8 (default 20)")
+
 
 class ImageEncoder(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):

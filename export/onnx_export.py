@@ -25,7 +25,7 @@ from cmalign.artifacts import sources
 from cmalign.artifacts.atomic import atomic_dir, write_json
 from cmalign.artifacts.outputs import check_output
 from cmalign.errors import ConfigError, MissingInputError
-from cmalign.export.graphs import ImageEncoder, TextEncoder, check_graph, export_graph
+from cmalign.export.graphs import ImageEncoder, TextEncoder, check_export_settings, check_graph, export_graph
 from cmalign.export.parity import (
     PARITY_BATCHES,
     ParityError,
@@ -115,6 +115,7 @@ def export_model(cfg: ExportConfig, log: Callable[[str], None] = lambda msg: Non
 
     t0 = time.time()
     out = Path(cfg.out)
+    check_export_settings(cfg.exporter, cfg.opset, cfg.int8)
     check_output(out, mf.KIND, inputs=[cfg.source, cfg.pretrained], overwrite=cfg.overwrite)
     model_name, pretrained, provenance = model_source(cfg)
     log(f"loading {model_name}" + (f" ({pretrained})" if pretrained else ""))
@@ -152,6 +153,9 @@ def _build(cfg, model, loaded, model_name, pretrained, provenance, tmp: Path, lo
         export_graph(modules[tower], torch.from_numpy(arrays[tower][:2]), path, input_names[tower],
                      output_names[tower], cfg.opset, cfg.exporter)
         facts[tower] = check_graph(path)
+        if facts[tower]["opset"] != cfg.opset:  # an exporter may fall back to another opset with only a warning
+            raise ConfigError(f"the {cfg.exporter} exporter wrote the {tower} encoder at opset "
+                              f"{facts[tower]['opset']}, not the --opset {cfg.opset} asked for; nothing was written")
     variants = ["fp32"] + (["fp16"] if cfg.fp16 else []) + (["int8"] if cfg.int8 else [])
     for variant in variants:
         graphs[variant] = {}

@@ -126,7 +126,7 @@ def test_layout_rows_and_values_match_the_runtime(single, tiny_export, corpus, m
     assert loaded.text_metadata["pair_id"].tolist() == tx["pair_id"].tolist()
 
 
-def test_shards_merge_into_the_single_run(single, tiny_export, corpus, tmp_path):
+def test_shards_merge_into_the_single_run(single, tiny_export, corpus, tmp_path, monkeypatch):
     out = tmp_path / "emb"
     first = _embed(tiny_export, corpus["csv"], out, shard="0/3")
     _embed(tiny_export, corpus["csv"], out, shard="2/3")
@@ -156,15 +156,28 @@ def test_shards_merge_into_the_single_run(single, tiny_export, corpus, tmp_path)
     with pytest.raises(EmbeddingsError, match="shard count"):
         _embed(tiny_export, corpus["csv"], out, shard="1/2")
 
-    # Redoing a shard: while (and if) it is being rewritten, the old merged manifest must not vouch for the files.
+    # Redoing a shard: the old merged embeddings stay usable, file for file, until the new shard is complete
+    # (it is written aside and moved in); a stopped redo leaves nothing behind. tests/drills kill -9 it.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
     def interrupt(kind, done, total):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         embed_dataset(EmbedConfig(export=str(tiny_export.out), data=str(corpus["csv"]), out=str(out), shard="1/3",
                                   overwrite=True), progress=interrupt)
-    with pytest.raises(EmbeddingsError, match="embed-merge"):
-        load_embeddings(out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    np.testing.assert_allclose(load_embeddings(out).image, whole.image, atol=1e-6)
+
+    def stop_before_moving_in(*args):
+        raise KeyboardInterrupt  # every new file is written (staged) by now
+
+    with monkeypatch.context() as m:
+        m.setattr("cmalign.corpus.embed._move_in", stop_before_moving_in)
+        with pytest.raises(KeyboardInterrupt):
+            _embed(tiny_export, corpus["csv"], out, shard="1/3", overwrite=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "the staging directory is removed"
     again = _embed(tiny_export, corpus["csv"], out, shard="1/3", overwrite=True)
     assert again.merged is not None and again.merged["rows"] == single.merged["rows"]
     np.testing.assert_allclose(load_embeddings(out).image, whole.image, atol=1e-6)

@@ -5,11 +5,16 @@ decoding runs in a thread pool ahead of inference (PIL and onnxruntime both rele
 a bounded look-ahead. ``shard="i/n"`` embeds the i-th of n equal slices of the data set's images
 (with all their captions), so any scheduler can fan the work out; each shard writes its own files
 and the last one to finish merges (see :mod:`cmalign.corpus.store`).
+
+A shard's files are written complete in a hidden staging directory inside OUT and then moved into place
+together, its own manifest last: a run stopped at any point (a kill -9 too) leaves the directory as it was,
+and an ``--overwrite`` keeps the old merged embeddings usable until the new shard is complete.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -18,16 +23,18 @@ from pathlib import Path
 import numpy as np
 
 import cmalign
-from cmalign.artifacts.atomic import atomic_write, write_json
+from cmalign.artifacts.atomic import atomic_write, staging_dir, write_json
 from cmalign.artifacts.outputs import refuse_inputs
 from cmalign.corpus.store import (
     EmbeddingsError,
     check_compatible,
     merge_shards,
+    merged_manifest,
     parse_shard,
     read_shard_manifests,
     save_array,
     save_metadata,
+    shard_name,
     shard_paths,
 )
 from cmalign.data.options import ReaderOptions
@@ -123,19 +130,19 @@ def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | 
                          {"source": model.manifest.get("source", {}).get("open_clip_name")},
                 "variant": cfg.variant, "embed_dim": model.embed_dim, "dtype": cfg.dtype, "data": data_desc,
                 "num_shards": n}
-    for i, existing in read_shard_manifests(out).items():
+    done = read_shard_manifests(out)
+    for i, existing in done.items():
         if i == index and not cfg.overwrite:
+            unmerged = (f"; all {n} shards are there but not merged: `cmalign embed-merge {out}` merges them"
+                        if len(done) == n and not (out / "manifest.json").is_file() else "")
             raise OutputExistsError(f"{paths['manifest']} exists: shard {index}/{n} is already done "
-                                  "(pass --overwrite to redo it)")
+                                    f"(pass --overwrite to redo it){unmerged}")
         check_compatible(existing, identity, str(shard_paths(out, i)["manifest"]))
 
     if index != 0:
         # Samples the reader already skipped belong to no slice: only shard 0 lists (and counts) them, so
         # the merged total counts each once instead of once per shard.
         skipped = []
-    if cfg.overwrite:
-        # The merged manifest describes the shard being redone; drop it until the merge that follows.
-        (out / "manifest.json").unlink(missing_ok=True)
 
     mine = pairs[index * len(pairs) // n:(index + 1) * len(pairs) // n]
     img_emb, img_rows, bad = _embed_images(model, mine, cfg, progress)
@@ -158,27 +165,62 @@ def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | 
         _add_row(meta, "text", row, pair_of[id(r)], _image_path(r), r.caption, r)
 
     dtype = np.float16 if cfg.dtype == "float16" else np.float32
-    save_array(paths["image"], img_emb.astype(dtype))
-    save_array(paths["text"], txt_emb.astype(dtype))
-    save_metadata(paths["metadata"], meta)
-    with atomic_write(paths["bad"]) as f:
-        for b in skipped:
-            f.write(json.dumps(b.to_dict()) + "\n")
-    seconds = time.time() - t0
-    write_json(paths["manifest"], {
-        **identity, "kind": "cmalign-embeddings-shard", "shard": index, "cmalign_version": cmalign.__version__,
-        "rows": {"images": len(img_rows), "texts": len(captions)}, "skipped": len(skipped),
-        "seconds": round(seconds, 2), "setup_seconds": round(setup_seconds, 2), "providers": model.providers,
-        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("export", "out", "overwrite")},
-    })
+    with staging_dir(out, f"shard_{shard_name(index)}") as stage:
+        staged = shard_paths(stage, index)
+        save_array(staged["image"], img_emb.astype(dtype))
+        save_array(staged["text"], txt_emb.astype(dtype))
+        save_metadata(staged["metadata"], meta)
+        with atomic_write(staged["bad"]) as f:
+            for b in skipped:
+                f.write(json.dumps(b.to_dict()) + "\n")
+        seconds = time.time() - t0
+        manifest = {
+            **identity, "kind": "cmalign-embeddings-shard", "shard": index, "cmalign_version": cmalign.__version__,
+            "rows": {"images": len(img_rows), "texts": len(captions)}, "skipped": len(skipped),
+            "seconds": round(seconds, 2), "setup_seconds": round(setup_seconds, 2), "providers": model.providers,
+            "settings": {k: v for k, v in asdict(cfg).items() if k not in ("export", "out", "overwrite")},
+        }
+        write_json(staged["manifest"], manifest)
+        merged = _stage_merge(out, stage, index, n, manifest)
+        _move_in(stage, out, index, merged is not None)
     result = EmbedResult(out=out, shard=(index, n), images=len(img_rows), texts=len(captions), skipped=skipped,
-                         seconds=seconds, setup_seconds=setup_seconds)
-    if len(read_shard_manifests(out)) == n:
+                         seconds=seconds, setup_seconds=setup_seconds, merged=merged)
+    if merged is None and len(read_shard_manifests(out)) == n:  # another shard finished meanwhile
         try:
             result.merged = merge_shards(out)
         except EmbeddingsError:
             result.merged = None  # another shard is still writing; `cmalign embed-merge` finishes the job
     return result
+
+
+def _stage_merge(out: Path, stage: Path, index: int, n: int, manifest: dict) -> dict | None:
+    """When this shard completes the directory, its merged manifest, written into the stage (None otherwise)."""
+    shards = {**read_shard_manifests(out), index: manifest}
+    if len(shards) != n:
+        return None
+    try:
+        merged = merged_manifest(out, shards, files_in={index: stage})
+    except EmbeddingsError:
+        return None  # another shard is still writing; `cmalign embed-merge` finishes the job
+    write_json(stage / "manifest.json", merged)
+    return merged
+
+
+def _move_in(stage: Path, out: Path, index: int, merged: bool) -> None:
+    """Move a complete staged shard into ``out``: only renames, so the directory is in between for microseconds.
+
+    The old merged manifest goes first: it must not vouch for a mix of old and new files (a run stopped in between
+    leaves the directory unmerged; `cmalign embed-merge`, or the shard run again with --overwrite, merges it). The
+    shard's own manifest, which marks it done, moves after its files, and the new merged manifest last.
+    """
+    staged, final = shard_paths(stage, index), shard_paths(out, index)
+    for path in final.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    for kind in ("image", "text", "metadata", "bad", "manifest"):
+        os.replace(staged[kind], final[kind])
+    if merged:
+        os.replace(stage / "manifest.json", out / "manifest.json")
 
 
 def _add_row(meta, modality, row, pair_id, image_path, caption, r: Record) -> None:

@@ -16,7 +16,6 @@ rows, which is what a joint index needs. Torch-free.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from cmalign.artifacts.atomic import atomic_write, write_json
-from cmalign.artifacts.manifests import read_manifest_file
+from cmalign.artifacts.manifests import field as manifest_field
+from cmalign.artifacts.manifests import (
+    is_count,
+    is_dict,
+    is_number,
+    is_positive_int,
+    read_json_object,
+    read_manifest_file,
+)
 from cmalign.errors import CmalignError, ConfigError
 
 KIND = "cmalign-embeddings"
@@ -77,12 +84,31 @@ def save_metadata(path: Path, rows: dict[str, list]) -> None:
 
 
 def read_shard_manifests(out: Path) -> dict[int, dict]:
+    """Every shard manifest in ``out``, by shard number; a damaged one is an EmbeddingsError naming it."""
     found = {}
     for p in sorted((out / "shards").glob("shard_*.json")):
         m = _SHARD_RE.search(p.name)
         if m:
-            found[int(m.group(1))] = json.loads(p.read_text())
+            found[int(m.group(1))] = check_shard_manifest(read_json_object(p, EmbeddingsError), p)
     return found
+
+
+def check_shard_manifest(m: dict, path: Path) -> dict:
+    """``m`` when it holds the fields merging and loading read, of the types they need; else EmbeddingsError."""
+    def check(obj, name, what, ok, where=""):
+        return manifest_field(obj, name, what, ok, path, EmbeddingsError, where=where)
+
+    check(m, "num_shards", "a positive integer", is_positive_int)
+    check(m, "embed_dim", "a positive integer", is_positive_int)
+    rows = check(m, "rows", "an object", is_dict)
+    for kind in ("images", "texts"):
+        check(rows, kind, "a count", is_count, "rows")
+    check(m, "skipped", "a count", is_count)
+    check(m, "seconds", "a number", is_number)
+    check(m, "data", "an object", lambda v: v is None or is_dict(v))
+    for name in ("export", "export_fingerprint", "model", "variant", "dtype", "cmalign_version"):
+        check(m, name, "present", lambda v: True)
+    return m
 
 
 def check_compatible(existing: dict, new: dict, where: str) -> None:
@@ -114,7 +140,15 @@ def check_compatible(existing: dict, new: dict, where: str) -> None:
 def merge_shards(out: str | Path) -> dict:
     """Check every shard is present and from the same export, then write OUT/manifest.json."""
     out = Path(out)
-    shards = read_shard_manifests(out)
+    manifest = merged_manifest(out, read_shard_manifests(out))
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def merged_manifest(out: Path, shards: dict[int, dict], files_in: dict[int, Path] | None = None) -> dict:
+    """The merged manifest of ``out`` with these shard manifests, once they are all there and agree (else an
+    EmbeddingsError); ``files_in`` names another directory holding a shard's files (one staged, not yet moved in)."""
+    files_in = files_in or {}
     if not shards:
         raise EmbeddingsError(f"{out}: no shards found (expected {out}/shards/shard_NNNN.json)")
     first = shards[min(shards)]
@@ -127,7 +161,7 @@ def merge_shards(out: str | Path) -> dict:
                               f"{', ...' if len(missing) > 20 else ''}); run them with --shard I/{n}")
     for i in range(n):
         for kind in ("image", "text", "metadata"):
-            if not shard_paths(out, i)[kind].is_file():
+            if not shard_paths(files_in.get(i, out), i)[kind].is_file():
                 raise EmbeddingsError(f"{shard_paths(out, i)[kind]}: missing although shard {i} is recorded")
     totals = {k: sum(shards[i]["rows"][k] for i in range(n)) for k in ("images", "texts")}
     skipped = sum(shards[i]["skipped"] for i in range(n))
@@ -141,7 +175,6 @@ def merge_shards(out: str | Path) -> dict:
         "layout": "clip-retrieval: img_emb/img_emb_NNNN.npy, text_emb/text_emb_NNNN.npy, metadata/metadata_NNNN"
                   ".parquet (image rows, then text rows, per shard)",
     }
-    write_json(out / "manifest.json", manifest)
     return manifest
 
 
@@ -163,8 +196,12 @@ def read_merged_manifest(out: str | Path) -> dict:
     if not out.is_dir():
         raise EmbeddingsError(f"embeddings directory not found: {out}")
     hint = ("it holds no shards; write some with `cmalign embed EXPORT --out DIR`"
-            if not read_shard_manifests(out) else f"run `cmalign embed-merge {out}` once every shard is done")
-    return read_manifest_file(path, KIND, EmbeddingsError, hint, FORMAT_VERSION)
+            if not any((out / "shards").glob("shard_*.json"))
+            else f"run `cmalign embed-merge {out}` once every shard is done")
+    manifest = read_manifest_file(path, KIND, EmbeddingsError, hint, FORMAT_VERSION)
+    for name in ("num_shards", "embed_dim"):
+        manifest_field(manifest, name, "a positive integer", is_positive_int, path, EmbeddingsError)
+    return manifest
 
 
 @dataclass

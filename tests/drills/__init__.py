@@ -1,0 +1,1 @@
+"""Fault drills: seeded fault injection (commands killed with SIGKILL, damaged inputs), bounded in time, run in CI."""
