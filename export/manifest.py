@@ -63,7 +63,21 @@ def read_manifest(export_dir: str | Path) -> dict:
         raise ExportFormatError(f"export directory not found: {d}")
     manifest = manifests.read_manifest_file(path, KIND, ExportFormatError,
                                             f"is {d} a directory written by `cmalign export`?", FORMAT_VERSION)
-    for field in ("graphs", "fingerprint", "embed_dim"):
-        if field not in manifest:
-            raise ExportFormatError(f"{path}: field '{field}' is missing")
+    def check(obj, name, what, ok, where=""):
+        return manifests.field(obj, name, what, ok, path, ExportFormatError, where=where)
+
+    graphs = check(manifest, "graphs", "an object of graph variants", manifests.is_dict)
+    for variant, towers in graphs.items():
+        check(graphs, variant, "an object with 'image' and 'text' graphs", manifests.is_dict, "graphs")
+        for tower in TOWERS:
+            entry = check(towers, tower, "an object", manifests.is_dict, f"graphs.{variant}")
+            where = f"graphs.{variant}.{tower}"
+            if "file" in entry:
+                check(entry, "file", "a file name in the export directory", manifests.is_file_name, where)
+            if "sha256" in entry:
+                check(entry, "sha256", "a sha256 hex digest", manifests.is_optional_str, where)
+    check(manifest, "fingerprint", "a string", manifests.is_str)
+    check(manifest, "embed_dim", "a positive integer", manifests.is_positive_int)
+    if "source" in manifest:  # where the export came from: embed records its open_clip_name
+        check(manifest, "source", "an object", manifests.is_dict)
     return manifest

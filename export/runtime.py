@@ -140,6 +140,12 @@ class ExportedModel:
                 f"{self.path}: its files no longer match the manifest's fingerprint {self.fingerprint} (one of "
                 f"{', '.join(FINGERPRINTED)} was changed); embeddings from it would not be comparable. Re-export, "
                 "or pass verify=False to load it anyway")
+        for tower, session in self._sessions.items():
+            # embed_dim is not fingerprinted: a manifest edited to another dim would label every embedding wrongly
+            dim = session.get_outputs()[0].shape[-1]
+            if isinstance(dim, int) and dim != self.embed_dim:
+                raise ExportFormatError(f"{self.path / 'manifest.json'}, field 'embed_dim': {self.embed_dim}, but the "
+                                        f"{tower} graph outputs vectors of dim {dim}")
         self.providers = self._sessions["image"].get_providers()
         self.context_length = self.tokenizer.context_length
 

@@ -13,6 +13,7 @@ An exported tokenizer is a directory holding ``tokenizer.json`` and the gzip'ed 
 from __future__ import annotations
 
 import gzip
+import heapq
 import html
 import os
 import string
@@ -38,6 +39,9 @@ EOT_TOKEN = "<end_of_text>"
 _N_MERGE_LINES = 49152 - 256 - 2
 # open_clip's cache is unbounded; ours stops growing here (a long-running server sees unbounded distinct words).
 _BPE_CACHE_MAX = 1 << 18
+# open_clip's BPE loop is quadratic in a word's length (a 16k-letter word took 5 s, a 100k-letter one minutes): words
+# longer than this take the heap-ordered loop instead, O(n log n) and id-for-id the same (see ClipTokenizer._bpe_long).
+_LONG_WORD = 64
 
 
 class UnsupportedTokenizerError(CmalignError, ValueError):
@@ -105,6 +109,21 @@ def _read_merges(vocab_path: str | os.PathLike) -> list[tuple[str, ...]]:
     return [tuple(line.split()) for line in lines[1:_N_MERGE_LINES + 1]]
 
 
+def _merges_are_learned(merges: list[tuple[str, ...]], base: set[str]) -> bool:
+    """Whether every merge joins two symbols that exist before it (base symbols or products of earlier merges) into
+    a product no other merge makes: true of any merge list BPE training writes, CLIP's included. Then a merge only
+    creates pairs of a later rank, which is what lets :meth:`ClipTokenizer._bpe_long` reproduce the reference loop."""
+    made: set[str] = set()
+    for merge in merges:
+        if len(merge) != 2 or any(s not in base and s not in made for s in merge):
+            return False
+        product = merge[0] + merge[1]
+        if product in made or product in base:
+            return False
+        made.add(product)
+    return True
+
+
 class ClipTokenizer:
     """OpenAI CLIP / open_clip byte-level BPE tokenizer returning numpy int64 ids."""
 
@@ -125,6 +144,7 @@ class ClipTokenizer:
         merges = _read_merges(self.vocab_path)
         vocab = list(self.byte_encoder.values())
         vocab = vocab + [v + "</w>" for v in vocab]
+        self._learned_merges = _merges_are_learned(merges, set(vocab))
         vocab.extend("".join(merge) for merge in merges)
         special_tokens = [SOT_TOKEN, EOT_TOKEN]
         self.additional_special_tokens = list(additional_special_tokens or [])
@@ -157,6 +177,11 @@ class ClipTokenizer:
         cached = self.cache.get(token)
         if cached is not None:
             return cached
+        if len(token) > _LONG_WORD and self._learned_merges:
+            out = self._bpe_long(token)
+            if len(self.cache) < _BPE_CACHE_MAX:
+                self.cache[token] = out
+            return out
         word = tuple(token[:-1]) + (token[-1] + "</w>",)
         pairs = _get_pairs(word)
         if not pairs:
@@ -193,13 +218,52 @@ class ClipTokenizer:
             self.cache[token] = out
         return out
 
+    def _bpe_long(self, token: str) -> str:
+        """The reference loop's result in O(n log n): merge candidates in a heap ordered by (rank, position).
+
+        The reference loop merges, rank by rank, every occurrence of the lowest-ranked pair left to right. With a
+        learned merge list (:func:`_merges_are_learned`) a merge creates only pairs of later ranks, so popping pairs
+        by rank, then by position (of the left symbol, which keeps its place in a linked list), and skipping pairs
+        a merge has since broken, merges the same pairs in the same order.
+        """
+        symbols = list(token[:-1]) + [token[-1] + "</w>"]
+        n = len(symbols)
+        nxt, prv, alive = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n
+        nxt[-1] = -1
+        ranks = self.bpe_ranks
+        heap = [(r, i) for i in range(n - 1) if (r := ranks.get((symbols[i], symbols[i + 1]))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            r, i = heapq.heappop(heap)
+            j = nxt[i]
+            # a rank names one pair: the entry still holds if symbol i and its right neighbour still form it
+            if not alive[i] or j < 0 or ranks.get((symbols[i], symbols[j])) != r:
+                continue
+            symbols[i] += symbols[j]
+            alive[j] = False
+            nxt[i] = nxt[j]
+            if nxt[i] >= 0:
+                prv[nxt[i]] = i
+            for left in (prv[i], i):  # the two pairs the merged symbol now takes part in
+                if left >= 0 and nxt[left] >= 0:
+                    rank = ranks.get((symbols[left], symbols[nxt[left]]))
+                    if rank is not None:
+                        heapq.heappush(heap, (rank, left))
+        return " ".join(symbols[i] for i in range(n) if alive[i])
+
     def encode(self, text: str) -> list[int]:
         """Token ids of one text, without the start/end tokens."""
+        return self._encode(text)
+
+    def _encode(self, text: str, limit: int | None = None) -> list[int]:
+        """``encode``, stopping once ``limit`` ids are there (a caller that truncates needs no more)."""
         bpe_tokens: list[int] = []
         text = self.clean_fn(text)
-        for token in regex.findall(self.pat, text):
-            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+        for match in regex.finditer(self.pat, text):
+            token = "".join(self.byte_encoder[b] for b in match.group().encode("utf-8"))
             bpe_tokens.extend(self.encoder[bpe_token] for bpe_token in self.bpe(token).split(" "))
+            if limit is not None and len(bpe_tokens) >= limit:
+                break
         return bpe_tokens
 
     def decode(self, tokens) -> str:
@@ -216,7 +280,9 @@ class ClipTokenizer:
         context_length = context_length or self.context_length
         if not context_length or context_length < 1:
             raise ConfigError(f"context_length must be a positive integer, got {context_length!r}")
-        all_tokens = [[self.sot_token_id] + self.encode(text) + [self.eot_token_id] for text in texts]
+        # context_length - 1 ids decide the row: more are cut off (and the last of the kept replaced by the end token)
+        all_tokens = [[self.sot_token_id] + self._encode(text, context_length - 1) + [self.eot_token_id]
+                      for text in texts]
         result = np.zeros((len(all_tokens), context_length), dtype=np.int64)
         for i, tokens in enumerate(all_tokens):
             if len(tokens) > context_length:

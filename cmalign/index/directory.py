@@ -20,7 +20,18 @@ import time
 from pathlib import Path
 
 from cmalign.artifacts.checksums import file_checksum
-from cmalign.artifacts.manifests import read_manifest_file
+from cmalign.artifacts.manifests import (
+    field,
+    is_count,
+    is_dict,
+    is_file_name,
+    is_int,
+    is_number,
+    is_optional_str,
+    is_positive_int,
+    is_str,
+    read_manifest_file,
+)
 from cmalign.index.errors import IndexFormatError
 
 KIND = "cmalign-index"
@@ -38,8 +49,65 @@ def read_index_manifest(index_dir: str | Path) -> dict:
     path = d / MANIFEST
     if not d.is_dir():
         raise IndexFormatError(f"index directory not found: {d}")
-    return read_manifest_file(path, KIND, IndexFormatError, f"is {d} a directory written by `cmalign index`?",
-                              FORMAT_VERSION)
+    manifest = read_manifest_file(path, KIND, IndexFormatError, f"is {d} a directory written by `cmalign index`?",
+                                  FORMAT_VERSION)
+    check_manifest(manifest, path)
+    return manifest
+
+
+# The search knobs a manifest may set, each a positive integer (what tuning writes), bounded: nprobe = 0 on an IVF
+# index with a refine stage aborts the process from inside faiss, and a huge nprobe or k_factor_rf there allocates
+# nprobe (k × k_factor_rf) entries per query (2**31: killed for memory). nprobe is checked against the index's
+# lists when it is loaded (JointIndex); tuning tries efSearch up to 1024 and k_factor_rf up to 64.
+SEARCH_KNOBS = ("nprobe", "efSearch", "k_factor_rf")
+MAX_KNOB = {"nprobe": 2**31 - 1, "efSearch": 1 << 16, "k_factor_rf": 1 << 12}
+
+
+def check_manifest(m: dict, path: Path) -> None:
+    """Raise IndexFormatError naming the field of ``m`` that loading, searching or extending would trip over."""
+    def check(obj, name, what, ok, where="", required=True):
+        return field(obj, name, what, ok, path, IndexFormatError, required=required, where=where)
+
+    export = check(m, "export", "an object", is_dict)
+    check(export, "fingerprint", "a string", is_str, "export")
+    check(export, "path", "a path or null", is_optional_str, "export")
+    check(export, "variant", "a variant name or null", is_optional_str, "export", required=False)
+    check(m, "factory", "a faiss factory string", is_str)
+    check(m, "dim", "a positive integer", is_positive_int)
+    files = check(m, "files", "an object", is_dict)
+    for role in ("index", "ids"):
+        check(files, role, "a file name in the index directory", is_file_name, "files")
+    check(m, "on_disk", "true or false", lambda v: isinstance(v, bool), required=False)
+    params = check(m, "search_params", "an object", is_dict, required=False) or {}
+    for name in params:
+        check(params, name, f"one of the knobs {', '.join(SEARCH_KNOBS)} with an integer from 1 to "
+              f"{MAX_KNOB.get(name, 1)}",
+              lambda v, name=name: name in SEARCH_KNOBS and is_positive_int(v) and v <= MAX_KNOB[name],
+              "search_params")
+    sums = check(m, "checksums", "an object", is_dict, required=False) or {}
+    for name in sums:
+        check(sums, name, "{size, sha256} of a file in the index directory",
+              lambda v, name=name: is_file_name(name) and is_dict(v) and is_count(v.get("size"))
+              and is_str(v.get("sha256")), "checksums")
+    # What `cmalign index-add` reads besides (it requires them: :func:`require_for_add`).
+    parts = check(m, "parts", "a list of parts", lambda v: isinstance(v, list) and all(is_dict(p) for p in v),
+                  required=False) or []
+    for i, p in enumerate(parts):
+        check(p, "embeddings", "the path of an embeddings directory", is_str, f"parts[{i}]")
+    check(m, "memory", "an object", is_dict, required=False)
+    recall = check(m, "recall", "an object", is_dict, required=False) or {}
+    check(recall, "target", "a number", is_number, "recall", required=False)
+    settings = check(m, "settings", "an object", is_dict, required=False) or {}
+    for name in ("k", "tune_queries"):
+        check(settings, name, "a positive integer", is_positive_int, "settings", required=False)
+    check(settings, "seed", "an integer", is_int, "settings", required=False)
+    check(settings, "recall_target", "a number", is_number, "settings", required=False)
+
+
+def require_for_add(m: dict, path: Path) -> None:
+    """`cmalign index-add` also needs the fields every manifest `cmalign index` writes (checked by type on read)."""
+    for name in ("parts", "memory", "recall"):
+        field(m, name, "present", lambda v: True, path, IndexFormatError)
 
 
 def checksums(index_dir: Path, files: dict[str, str]) -> dict[str, dict]:

@@ -25,6 +25,7 @@ from cmalign.index.directory import (
     counts,
     part_entry,
     read_index_manifest,
+    require_for_add,
     write_ids,
 )
 from cmalign.index.errors import ExportMismatchError, IndexBuildError
@@ -46,6 +47,7 @@ def add_to_index(index_dir: str | Path, embeddings: str | Path, retune: bool = T
     faiss = import_faiss()
     index_dir, emb_dir = Path(index_dir), Path(embeddings)
     manifest = read_index_manifest(index_dir)
+    require_for_add(manifest, index_dir / MANIFEST)
     if manifest.get("on_disk"):
         raise IndexBuildError(f"{index_dir} is an on-disk index, whose merged lists are read-only: rebuild it with "
                               "every embeddings shard (`cmalign index ... --on-disk --overwrite`)")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cmalign.corpus.store import EmbeddingsError
 from cmalign.errors import ConfigError
 from cmalign.index.directory import IDS_FILE, MANIFEST, read_index_manifest, verify_checksums
 from cmalign.index.errors import GpuUnavailableError, IndexFormatError
@@ -28,6 +29,7 @@ from cmalign.index.vectors import clean_vectors
 log = logging.getLogger("cmalign.index")
 
 MODALITIES = ("any", "image", "text")
+_HIT_COLUMNS = ("modality", "pair_id", "part", "image_path", "caption", "label")  # the id table's columns a Hit reads
 
 
 @dataclass
@@ -64,12 +66,28 @@ class JointIndex:
             self.index = faiss.read_index(str(file), flags)
         except RuntimeError as e:  # faiss reports a damaged file as a RuntimeError from its C++ reader
             raise IndexFormatError(f"{file}: not a readable faiss index ({str(e).strip().splitlines()[-1]})") from None
-        set_search_params(self.index, self.manifest.get("search_params", {}))
+        where = self.path / MANIFEST
+        if self.index.d != int(self.manifest["dim"]):
+            raise IndexFormatError(f"{where}, field 'dim': {self.manifest['dim']}, but {file.name} holds vectors of "
+                                   f"dim {self.index.d}")
+        ivf = unwrap(self.index, "ivf")
+        nprobe = self.manifest.get("search_params", {}).get("nprobe", 1)
+        if ivf is not None and nprobe > ivf.nlist:
+            raise IndexFormatError(f"{where}, field 'search_params.nprobe': {nprobe}, but {file.name} has "
+                                   f"{ivf.nlist} inverted lists to probe")
+        try:
+            set_search_params(self.index, self.manifest.get("search_params", {}))
+        except RuntimeError as e:  # faiss: a knob this kind of index does not have
+            raise IndexFormatError(f"{where}, field 'search_params': {self.manifest['search_params']} do not apply to "
+                                   f"a {self.manifest['factory']} index ({str(e).strip().splitlines()[-1]})") from None
         ids_file = self.path / self.manifest["files"]["ids"]
         try:
             self.ids = pd.read_parquet(ids_file)
         except (OSError, ValueError) as e:  # missing, or not parquet (pyarrow's errors derive from these)
             raise IndexFormatError(f"{ids_file}: cannot read the id table ({e})") from None
+        missing = [c for c in _HIT_COLUMNS if c not in self.ids.columns]
+        if missing:
+            raise IndexFormatError(f"{ids_file}: not an id table (columns {', '.join(missing)} missing)")
         if len(self.ids) != self.index.ntotal:
             raise IndexFormatError(f"{self.path}: {len(self.ids)} rows in {IDS_FILE} but {self.index.ntotal} vectors "
                                    f"in {file.name}; the directory was changed after it was written")
@@ -104,6 +122,7 @@ class JointIndex:
 
     def search(self, queries: np.ndarray, k: int = 10, modality: str = "any") -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the k nearest items per query, of one modality or any; -1 ids only when fewer exist.
+        A k larger than the index is cut to its size (the arrays are then that wide).
 
         Filtering runs inside faiss (an IDSelector), so a filtered search still returns k items of that modality.
         Approximate indexes can come back short under a filter (IVF lists or HNSW paths holding few such items):
@@ -112,14 +131,25 @@ class JointIndex:
         them. Fewer than ``min(k, count(modality))`` results come back only for an index that cannot give its
         vectors back (faiss cannot reconstruct it); :meth:`hits` callers see it as a short row.
         """
-        if modality not in MODALITIES:
+        if not isinstance(modality, str) or modality not in MODALITIES:
             raise ConfigError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
-        queries, _ = clean_vectors(np.atleast_2d(queries), "query")
-        if queries.shape[1] != self.dim:
-            raise ConfigError(f"queries have dim {queries.shape[1]}, the index {self.dim}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise ConfigError(f"k must be an integer, got {k!r}")
         k = int(k)
         if k < 1:
             raise ConfigError(f"k must be >= 1, got {k}")
+        # No more than every item can come back: a larger k would only allocate -1 padding (k = 2**40: terabytes).
+        k = min(k, max(len(self), 1))
+        try:
+            queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"queries must be an array of numbers, shape (n, {self.dim}) ({e})") from None
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ConfigError(f"queries must have shape (n, {self.dim}) (the index's dim), got {queries.shape}")
+        try:
+            queries, _ = clean_vectors(queries, "query")
+        except EmbeddingsError as e:  # its advice (re-embed the shard) is for corpus files, not queries
+            raise ConfigError(f"{str(e).split(';')[0]}; a query must be a finite, non-zero vector") from None
         if self.gpu_index is not None and modality == "any":
             return self.gpu_index.search(queries, k)
         available = self.count(modality)

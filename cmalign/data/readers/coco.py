@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cmalign.data.readers.shared import ExistsCache, add_sample, label_value
+from cmalign.artifacts.manifests import JSON_ERRORS
+from cmalign.data.readers.shared import ExistsCache, add_sample, json_problem, label_value
 from cmalign.data.records import BadSample, DataSchemaError, ReadResult
 
 
@@ -18,7 +19,7 @@ def looks_like_coco(path: str) -> bool:
     try:
         with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except JSON_ERRORS:  # UnicodeDecodeError is a ValueError too
         return False  # JSON lines (or garbage, which the JSON lines reader reports by line)
     return isinstance(data, dict) and "images" in data and "annotations" in data
 
@@ -28,8 +29,10 @@ def read_coco(path: str, base: str, check_files: bool) -> ReadResult:
     try:
         with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataSchemaError(path, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise  # read_dataset names the row of the first byte that is not UTF-8
+    except JSON_ERRORS as e:
+        raise DataSchemaError(path, getattr(e, "lineno", None), None, json_problem(e)) from None
     if not isinstance(data, dict):
         raise DataSchemaError(path, None, None, "expected a COCO object with 'images' and 'annotations'")
     for key in ("images", "annotations"):
@@ -42,6 +45,7 @@ def read_coco(path: str, base: str, check_files: bool) -> ReadResult:
         _check_object(im, ("id", "file_name"), path, row)
         if not isinstance(im["file_name"], str):
             raise DataSchemaError(path, row, "file_name", "expected a string")
+        _check_id(im["id"], path, row, "id")
         if im["id"] in images:
             raise DataSchemaError(path, row, "id", f"duplicate image id {im['id']!r}")
         label_key = "label" if "label" in im else "category"
@@ -51,6 +55,7 @@ def read_coco(path: str, base: str, check_files: bool) -> ReadResult:
     for i, ann in enumerate(data["annotations"]):
         row = f"annotations[{i}]"
         _check_object(ann, ("image_id", "caption"), path, row)
+        _check_id(ann["image_id"], path, row, "image_id")
         if ann["image_id"] not in images:
             raise DataSchemaError(path, row, "image_id", f"no image with id {ann['image_id']!r} in 'images'")
         if not isinstance(ann["caption"], str):
@@ -64,6 +69,12 @@ def read_coco(path: str, base: str, check_files: bool) -> ReadResult:
         if image_id not in captioned:
             result.skipped.append(BadSample(f"{path}:image {image_id}", "caption", "no caption annotation"))
     return result
+
+
+def _check_id(value: Any, path: str, row: str, key: str) -> None:
+    """An image id is a JSON number or string (COCO's are integers): an array or object cannot name an image."""
+    if isinstance(value, (list, dict)):
+        raise DataSchemaError(path, row, key, f"expected an integer or string id, found {type(value).__name__}")
 
 
 def _check_object(value: Any, keys: tuple[str, ...], path: str, row: str) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from cmalign.artifacts.manifests import JSON_ERRORS
 from cmalign.data.options import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, ReaderOptions
-from cmalign.data.readers.shared import ExistsCache, add_sample, label_value
+from cmalign.data.readers.shared import ExistsCache, add_sample, json_problem, label_value
 from cmalign.data.records import DataSchemaError, ReadResult
 
 # The key also accepted when a default column name is absent from an object.
@@ -26,13 +27,11 @@ def read_jsonl(path: str, base: str, options: ReaderOptions, check_files: bool) 
                 continue
             try:
                 obj = json.loads(text)
-            except json.JSONDecodeError as e:
+            except JSON_ERRORS as e:
                 hint = ""
                 if n == 1 and text.lstrip().startswith("["):
                     hint = "; a JSON array is not JSON lines: write one object per line"
-                raise DataSchemaError(
-                    path, n, None, f"invalid JSON: {e.msg} (column {e.colno}){hint}"
-                ) from None
+                raise DataSchemaError(path, n, None, f"{json_problem(e)}{hint}") from None
             if not isinstance(obj, dict):
                 raise DataSchemaError(path, n, None, f"expected a JSON object, found {type(obj).__name__}")
             img_key = _json_key(obj, options.image_column, path, n)

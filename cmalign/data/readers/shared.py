@@ -6,6 +6,7 @@ JSON line and a COCO annotation are judged (and their problems worded) alike.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -68,6 +69,17 @@ def read_text(path: str) -> str:
     except UnicodeDecodeError as e:
         raise DataSchemaError(path, None, None, f"not valid UTF-8 ({e.reason} at byte {e.start}); "
                                                 "save the file as UTF-8") from None
+
+
+def json_problem(e: Exception) -> str:
+    """What json could not read, worded for the user. ``e`` is one of ``cmalign.artifacts.manifests.JSON_ERRORS``:
+    json raises more than JSONDecodeError (a ValueError past Python's int-digit limit, RecursionError for nesting
+    deeper than the stack allows)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON: {e.msg} (column {e.colno})"
+    if isinstance(e, RecursionError):
+        return "invalid JSON: arrays or objects nested too deeply to read"
+    return f"invalid JSON: {str(e).split(';')[0]}"  # the int-digit limit, without its hint for programmers
 
 
 def clean_label(value: str) -> str | None:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from cmalign.data.readers.shared import IMAGE_EXTENSIONS, clean_label
+from cmalign.artifacts.manifests import JSON_ERRORS
+from cmalign.data.readers.shared import IMAGE_EXTENSIONS, clean_label, json_problem
 from cmalign.data.records import BadSample, DataSchemaError, ReadResult, Record
 from cmalign.errors import MissingInputError
 
@@ -165,8 +166,11 @@ def _add_tar_samples(
             continue
         try:
             caption, label = _sample_text(tf, fields, caption_column, label_column)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except UnicodeDecodeError as e:
             result.skipped.append(BadSample(source, "caption", f"unreadable caption: {e}"))
+            continue
+        except JSON_ERRORS as e:
+            result.skipped.append(BadSample(source, "caption", f"unreadable .json: {json_problem(e)}"))
             continue
         if caption is None:
             result.skipped.append(BadSample(source, "caption", "no .txt or .json caption in sample"))
