@@ -69,6 +69,8 @@ def eval_command(
                           rich_help_panel="Caption decoder")] = None,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write the PNG figures.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of every random choice (subsets, KMeans, t-SNE, decoder).")] = 0,
+    bootstrap: Annotated[int, typer.Option(help="Resamples of the evaluation images for each figure's 95 % "
+                         "confidence interval (MMD², Bures, CORAL, W₂: at most 200); 0: none.")] = _D.bootstrap,
     device: Annotated[str, typer.Option(help="torch device for runs and models: auto, cpu, cuda.")] = _D.device,
     provider: Annotated[str, typer.Option(help="onnxruntime provider for exports: cpu or cuda.")] = _D.provider,
     variant: Annotated[str, typer.Option(help="Export graphs to use: fp32, fp16 or int8.")] = _D.variant,
@@ -108,7 +110,7 @@ def eval_command(
         templates=template_list, tasks=_split(tasks), posthoc=parse_posthoc(posthoc), posthoc_on=posthoc_on,
         out=out, overwrite=overwrite, max_images=max_images, fit_images=fit_images, k=k,
         decoder=DecoderConfig(epochs=decoder_epochs, beam=beam, seed=seed, language_model=caption_lm),
-        figures=figures, seed=seed, device=device, provider=provider, variant=variant)
+        figures=figures, seed=seed, device=device, provider=provider, variant=variant, bootstrap=bootstrap)
     with console.status("evaluating", spinner="dots") as status:
         result = evaluate(cfg, log=(lambda msg: None) if quiet else
                           (lambda msg: (status.update(escape(msg)), console.log(escape(msg)))),

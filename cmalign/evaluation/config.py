@@ -39,6 +39,8 @@ class EvalConfig:
     provider: str = "cpu"  # exports: cpu | cuda
     variant: str = "fp32"  # exports: fp32 | fp16 | int8
     batch_size: int = 128
+    bootstrap: int = 1000  # resamples of the images for every figure's 95 % interval; 0: no intervals
+    bootstrap_slow: int = 200  # resamples for MMD², Bures, CORAL and W₂ (O(n²) or d×d per resample), ≤ bootstrap
 
     def __post_init__(self):
         bad = [t for t in self.tasks if t not in TASKS]
@@ -54,6 +56,9 @@ class EvalConfig:
             raise ConfigError(f"fit_images must be at least 2, got {self.fit_images}")
         if not 0 < self.fit_share < 1:
             raise ConfigError(f"fit_share must lie in (0, 1), got {self.fit_share}")
+        if self.bootstrap < 0 or self.bootstrap_slow < 0:
+            raise ConfigError(f"bootstrap repetitions must be 0 (off) or more, got {self.bootstrap} and "
+                              f"{self.bootstrap_slow}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,18 +15,39 @@ import numpy as np
 from cmalign.evaluation.captioning.config import DecoderConfig
 from cmalign.evaluation.datasets import EvalData
 from cmalign.evaluation.system_embeddings import SystemEmbeddings
-from cmalign.metrics import clustering, gap, retrieval, zeroshot
+from cmalign.metrics import clustering, gap, intervals, retrieval, zeroshot
+from cmalign.metrics.bootstrap import bootstrap, counts
 
 
 class Evaluator:
+    """``bootstrap`` > 0 (the runner sets it from EvalConfig) adds, beside the figures, ``"ci"`` ({figure:
+    [low, high]}, 95 % bootstrap intervals over resampled images) and ``"_replicates"`` ({figure: array}, for
+    paired intervals of differences); the runner moves both out of the task's figures. ``no_ci`` says why a
+    returned number has no interval."""
+
     name: str
     needs_labels: bool = False
     primary_metric: str
     higher_is_better: bool = True
     definitions: dict[str, str] = {}
+    no_ci: dict[str, str] = {}
+    bootstrap: int = 0  # resamples of the cheap figures; 0: no intervals
+    bootstrap_slow: int = 200  # resamples of the O(n²) and covariance figures (capped at ``bootstrap``)
+    bootstrap_seed: int = 0
 
     def __call__(self, e: SystemEmbeddings, data: EvalData, progress=None) -> dict:
         raise NotImplementedError
+
+    def _with_intervals(self, out: dict, compute) -> dict:
+        """``compute()`` → Bootstrap results; attaches their intervals and replicates when asked for."""
+        if self.bootstrap > 0:
+            t0 = time.perf_counter()
+            out["ci"], out["_replicates"] = intervals.merge(*compute())
+            out["_bootstrap_seconds"] = time.perf_counter() - t0
+        return out
+
+
+SIZE = "a size or setting of the evaluation, not an estimate"
 
 
 @dataclass
@@ -36,18 +57,49 @@ class GapEvaluator(Evaluator):
     primary_metric = "raw"
     higher_is_better = False
     definitions = {
-        "raw": "raw gap G_R = sqrt(mean_i ||x_i − y_i||²) over (image, first caption) pairs",
-        "centroid": "centroid gap G_C = ||μ_x − μ_y||",
+        "raw": "raw gap G_R = sqrt(mean_i ||x_i − y_i||²) over (image, first caption) pairs: the paper's \"raw gap\" "
+               "as DESIGN.md reconstructs it (an RMS distance; l2i_first is its mean-distance counterpart)",
+        "centroid": "centroid gap (L2M) G_C = ||μ_x − μ_y|| (Liang et al. 2022; \"L2M\" in Schrodi et al. 2025)",
         "paired_residual": "paired residual G_P (G_R² = G_C² + G_P²)",
         "mmd2": "headline distribution gap: unbiased multi-bandwidth RBF MMD² of the centred clouds",
         "bures": "Bures distance of the two covariances",
         "coral": "CORAL ||Σ_x − Σ_y||²_F / 4d²",
         "w2": "2-Wasserstein distance of Gaussian fits, sqrt(G_C² + Bures²)",
         "rmg": "relative modality gap (Schrodi et al. 2025), in [0, 1]",
+        "l2i_first": "L2I (Schrodi et al. 2025) = mean_i ||x_i − y_i||, image against its first caption "
+                     "(≤ raw by Jensen)",
+        "l2i_mean_caption": "L2I against the image's mean caption: the mean of its L2-normalised caption embeddings, "
+                            "re-normalised to unit length (the spread of the phrasings no longer sets a floor)",
+        "raw_mean_caption": "raw gap (RMS) against the same re-normalised mean caption",
     }
+    no_ci = {"n": SIZE, "d": SIZE}
 
     def __call__(self, e, data, progress=None) -> dict:
-        return gap.gap_report(e.image, e.first_captions(data), seed=self.seed).to_dict()
+        x, y = e.image, e.first_captions(data)
+        report = gap.gap_report(x, y, seed=self.seed).to_dict()
+        sizes = {k: report.pop(k) for k in ("n", "d")}
+        out = {**report, **gap.caption_gap_measures(e.image, e.text, data.eval.caption_image), **sizes}
+
+        def compute():
+            fast, slow = gap.gap_bootstrap(x, y, reps=self.bootstrap, seed=self.bootstrap_seed,
+                                           slow_reps=min(self.bootstrap_slow, self.bootstrap))
+            basic = {m: out[m] for m in gap.BASIC_INTERVAL}
+            if fast is not None:  # the true gaps are ≥ 0 (an unbiased MMD² estimate need not be)
+                fast = _renamed(fast, {"l2i": "l2i_first"}).basic(basic, floor=0.0)
+            if slow is not None:
+                slow = slow.basic(basic, floor=0.0)
+            mean = gap.mean_caption_embeddings(e.text, data.eval.caption_image, len(x))
+            d = gap.paired_distances(x, mean)
+            n = len(d)
+
+            def stat(idx):
+                w = counts(idx, n)
+                return np.stack([w @ d / n, np.sqrt(w @ d**2 / n)])
+
+            return fast, slow, bootstrap(n, stat, ("l2i_mean_caption", "raw_mean_caption"), self.bootstrap,
+                                         self.bootstrap_seed)
+
+        return self._with_intervals(out, compute)
 
 
 @dataclass
@@ -55,9 +107,12 @@ class RetrievalEvaluator(Evaluator):
     name = "retrieval"
     primary_metric = "t2i_R@1"
     definitions = retrieval.DEFINITIONS
+    no_ci = {"images": SIZE, "captions": SIZE}
 
     def __call__(self, e, data, progress=None) -> dict:
-        return retrieval.retrieval_metrics(e.image, e.text, data.eval.caption_image)
+        out, per_query = retrieval.retrieval_metrics(e.image, e.text, data.eval.caption_image, per_query=True)
+        return self._with_intervals(out, lambda: [intervals.retrieval_intervals(
+            per_query, data.eval.caption_image, self.bootstrap, self.bootstrap_seed)])
 
 
 @dataclass
@@ -75,6 +130,8 @@ class MixedModalityEvaluator(Evaluator):
         "image_query_partner_rank_median": "median rank of an image query's best caption among all items",
     }
 
+    no_ci = {"k": SIZE, "images": SIZE, "texts": SIZE}
+
     def __post_init__(self):
         self.primary_metric = f"text_query_image_share@{self.k}"
 
@@ -83,9 +140,11 @@ class MixedModalityEvaluator(Evaluator):
 
         # Exact search: on an evaluation set the index library's auto choice is Flat (exact) anyway, and the task
         # measures the embedding space, not an approximate index's recall (that is benchmarks/index_benchmark.py).
-        out = mixed_modality_report(e.image, e.text, np.arange(len(e.image)), data.eval.caption_image, k=self.k)
+        out, per_query = mixed_modality_report(e.image, e.text, np.arange(len(e.image)), data.eval.caption_image,
+                                               k=self.k, per_query=True)
         out["search"] = "exact (inner product over all images and captions)"
-        return out
+        return self._with_intervals(out, lambda: [intervals.mixed_intervals(
+            per_query, data.eval.caption_image, self.k, self.bootstrap, self.bootstrap_seed)])
 
 
 @dataclass
@@ -95,13 +154,18 @@ class ClusteringEvaluator(Evaluator):
     needs_labels = True
     primary_metric = "kmeans_ari"
     definitions = clustering.DEFINITIONS
+    no_ci = {"classes": SIZE, "points": SIZE, "hdbscan_min_cluster_size": SIZE,
+             "hdbscan_clusters": "a property of the one clustering, which the intervals hold fixed"}
 
     def __call__(self, e, data, progress=None) -> dict:
         labels = np.asarray(data.eval.labels)
         n_templates = e.prompts.shape[1]
         cls = np.searchsorted(np.asarray(e.classes), labels)
         texts = e.prompts[cls, np.arange(len(labels)) % n_templates]  # templates taken in turn
-        return clustering.joint_clustering(e.image, texts, labels, seed=self.seed)
+        out, assignments = clustering.joint_clustering(e.image, texts, labels, seed=self.seed,
+                                                       return_assignments=True)
+        return self._with_intervals(out, lambda: [intervals.clustering_intervals(
+            assignments, self.bootstrap, self.bootstrap_seed)])
 
 
 @dataclass
@@ -110,9 +174,13 @@ class ZeroShotEvaluator(Evaluator):
     needs_labels = True
     primary_metric = "top1"
     definitions = zeroshot.DEFINITIONS
+    no_ci = {"classes": SIZE, "images": SIZE}
 
     def __call__(self, e, data, progress=None) -> dict:
-        return zeroshot.zero_shot_accuracy(e.image, data.eval.labels, e.classes, zeroshot.class_weights(e.prompts))
+        out, per_image = zeroshot.zero_shot_accuracy(e.image, data.eval.labels, e.classes,
+                                                     zeroshot.class_weights(e.prompts), per_image=True)
+        return self._with_intervals(out, lambda: [intervals.zeroshot_intervals(
+            per_image, self.bootstrap, self.bootstrap_seed)])
 
 
 @dataclass
@@ -126,9 +194,16 @@ class CaptionEvaluator(Evaluator):
         "cider_d": "CIDEr-D (pycocoevalcap's Cider value; papers print it ×100, 1.13 → 113) of "
                    "captions decoded from image embeddings by a prefix decoder trained on text embeddings only",
         "bleu4": "BLEU-4 (pycocoevalcap) of the same captions",
+        "rouge_l": "ROUGE-L (pycocoevalcap's Rouge: LCS F-measure, β = 1.2, best reference) of the same captions, "
+                   "mean over images",
         "text_ceiling_cider_d": "CIDEr-D of the same decoder fed each image's first caption's text embedding "
                                 "(its own input caption is among the references: an upper bound)",
+        "text_ceiling_bleu4": "BLEU-4 of the same text-fed captions",
+        "text_ceiling_rouge_l": "ROUGE-L of the same text-fed captions",
     }
+    no_ci = {"images": SIZE, "train_captions": SIZE, "vocabulary": SIZE,
+             "final_train_loss": "a property of the decoder's training, not of the evaluation images",
+             "train_seconds": "a timing", "cider_seconds": "a timing"}
 
     def __call__(self, e, data, progress=None) -> dict:
         from cmalign.evaluation.captioning.decoder import train_decoder  # torch: only when this task runs
@@ -143,17 +218,21 @@ class CaptionEvaluator(Evaluator):
             refs[keys[owner]].append(caption)
         from_image = decoder.generate(e.image)
         from_text = decoder.generate(e.first_captions(data))
-        img = caption_scores(dict(zip(keys, from_image, strict=True)), refs)
-        txt = caption_scores(dict(zip(keys, from_text, strict=True)), refs)
-        return {
-            "cider_d": img["cider_d"], "bleu4": img["bleu4"],
+        img, img_each = caption_scores(dict(zip(keys, from_image, strict=True)), refs, per_image=True)
+        txt, txt_each = caption_scores(dict(zip(keys, from_text, strict=True)), refs, per_image=True)
+        out = {
+            "cider_d": img["cider_d"], "bleu4": img["bleu4"], "rouge_l": img["rouge_l"],
             "text_ceiling_cider_d": txt["cider_d"], "text_ceiling_bleu4": txt["bleu4"],
+            "text_ceiling_rouge_l": txt["rouge_l"],
             "images": img["images"], "train_captions": len(data.fit.captions), "vocabulary": decoder.vocabulary_size,
             "final_train_loss": decoder.history[-1], "train_seconds": round(train_seconds, 1),
             "cider_seconds": round(img["cider_seconds"] + txt["cider_seconds"], 3),
             "examples": [{"references": refs[k][:3], "from_image": from_image[i], "from_text": from_text[i]}
                          for i, k in enumerate(keys[:5])],
         }
+        # the decoder and CIDEr-D's IDF stay fixed: the interval covers the sampling of evaluation images only
+        return self._with_intervals(out, lambda: [intervals.caption_intervals(
+            {"": img_each, "text_ceiling_": txt_each}, self.bootstrap, self.bootstrap_seed)])
 
 
 EVALUATORS = {c.name: c for c in (GapEvaluator, RetrievalEvaluator, MixedModalityEvaluator, ClusteringEvaluator,
@@ -164,11 +243,36 @@ def evaluators_for(cfg) -> list[Evaluator]:
     """The evaluators of ``cfg.tasks`` (an EvalConfig), in that order, with the config's settings."""
     settings = {"gap": {"seed": cfg.seed}, "clustering": {"seed": cfg.seed}, "mixed": {"k": cfg.k},
                 "caption": {"decoder": cfg.decoder}}
-    return [EVALUATORS[t](**settings.get(t, {})) for t in cfg.tasks]
+    out = [EVALUATORS[t](**settings.get(t, {})) for t in cfg.tasks]
+    for ev in out:
+        ev.bootstrap = getattr(cfg, "bootstrap", 0)
+        ev.bootstrap_slow = getattr(cfg, "bootstrap_slow", Evaluator.bootstrap_slow)
+        ev.bootstrap_seed = cfg.seed
+    return out
+
+
+def without_ci() -> dict[str, str]:
+    """Why a returned number has no interval, keyed ``task.figure``."""
+    out = {f"{name}.{k}": v for name, cls in EVALUATORS.items() for k, v in cls.no_ci.items()}
+    out["mixed.search"] = out["caption.examples"] = "not a number"
+    return out
 
 
 def definitions() -> dict[str, str]:
     """Every figure's definition, keyed ``task.figure`` as in metrics.json."""
     out = {f"{name}.{k}": v for name, cls in EVALUATORS.items() for k, v in cls.definitions.items()}
     out["gap_reduction.<measure>"] = "1 − measure(system) / measure(baseline), on the same evaluation pairs"
+    out["ci.<system>.<task>.<figure>"] = (
+        "95 % bootstrap interval [low, high] over the evaluation images (scipy.stats.bootstrap; an image carries "
+        "its captions), fixed seed: percentile, except the basic interval for the gap figures of estimated means "
+        "and covariances; see \"bootstrap\" for the repetitions, those figures and what is held fixed")
+    out["comparison.ci.<gap_reduction|delta>.<figure>"] = (
+        "paired interval of a change against the reference: the same image resamples for both systems, "
+        "replicate by replicate")
     return out
+
+
+def _renamed(b, names: dict):
+    from dataclasses import replace
+
+    return replace(b, names=tuple(names.get(n, n) for n in b.names))

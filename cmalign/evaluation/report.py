@@ -9,7 +9,9 @@ from cmalign.artifacts.atomic import atomic_write
 # (task, key, label, higher is better) rows of the summary and the per-task tables
 SUMMARY_ROWS = (
     ("gap", "raw", "raw gap", False),
-    ("gap", "centroid", "centroid gap", False),
+    ("gap", "centroid", "centroid gap (L2M)", False),
+    ("gap", "l2i_first", "L2I (first caption)", False),
+    ("gap", "l2i_mean_caption", "L2I (mean caption)", False),
     ("gap", "mmd2", "MMD² (distribution)", False),
     ("gap", "rmg", "RMG", False),
     ("retrieval", "i2t_R@1", "R@1 image→text", True),
@@ -20,7 +22,9 @@ SUMMARY_ROWS = (
     ("clustering", "hdbscan_ari", "HDBSCAN ARI (joint)", True),
     ("zeroshot", "top1", "zero-shot top-1", True),
     ("caption", "cider_d", "CIDEr-D from images", True),
+    ("caption", "rouge_l", "ROUGE-L from images", True),
 )
+REDUCTION_MEASURES = ("raw", "centroid", "l2i_first", "l2i_mean_caption", "mmd2")  # the comparison table's columns
 
 TASK_TITLES = {
     "gap": "Gap decomposition",
@@ -44,16 +48,43 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def summary_rows(metrics: dict) -> list[tuple[str, list[str]]]:
-    """(label, one cell per system) for the headline figures present."""
+def _interval(ci) -> str:
+    return "" if not ci else f" [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def cell(metrics: dict, system: str, task: str, key: str, with_ci: bool = True) -> str:
+    """One figure of one system, with its 95 % interval when metrics.json has one."""
+    s = metrics["systems"][system]
+    if task not in s:
+        return "—"
+    text = _fmt(s[task].get(key))
+    if with_ci and key in s[task]:
+        text += _interval(metrics.get("ci", {}).get(system, {}).get(task, {}).get(key))
+    return text
+
+
+def summary_rows(metrics: dict, with_ci: bool = False) -> list[tuple[str, list[str]]]:
+    """(label, one cell per system) for the headline figures present; ``with_ci`` adds the [low, high] intervals."""
     systems = metrics["systems"]
     k = metrics["settings"]["k"]
     rows = []
     for task, key, label, _ in SUMMARY_ROWS:
         key, label = key.format(k=k), label.format(k=k)
         if any(task in s and key in s[task] for s in systems.values()):
-            rows.append((label, [_fmt(s.get(task, {}).get(key)) if task in s else "—" for s in systems.values()]))
+            rows.append((label, [cell(metrics, name, task, key, with_ci) for name in systems]))
     return rows
+
+
+def _pct_interval(ci) -> str:
+    return "" if not ci else f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+
+
+def _reference_note(metrics: dict, ref: str) -> str:
+    if ref == "baseline" and (metrics.get("baseline") or {}).get("role") == "the run's starting model":
+        return " (the run's starting model: the original model, the paper's reference)"
+    if ref == "baseline":
+        return " (the given baseline)"
+    return " (the model itself: no baseline)"
 
 
 def _system_title(name: str, metrics: dict) -> str:
@@ -103,22 +134,36 @@ def write_report(path: Path, metrics: dict) -> None:
     if metrics["notes"] or metrics["skipped"]:
         lines.append("")
 
+    boot = metrics.get("bootstrap") or {}
+    has_ci = bool(metrics.get("ci"))
     lines += ["## Summary", ""]
-    lines += markdown_table(["figure"] + names, [[label] + cells for label, cells in summary_rows(metrics)])
+    if has_ci:
+        lines += [f"Each figure with its {100 * boot['level']:.0f} % bootstrap interval [low, high] over the "
+                  f"evaluation images ({boot['repetitions']} resamples; see [Confidence intervals]"
+                  "(#confidence-intervals)).", ""]
+    lines += markdown_table(["figure"] + names,
+                            [[label] + cells for label, cells in summary_rows(metrics, with_ci=True)])
     lines.append("")
     if comp:
-        lines += [f"Changes against **{ref}**:", ""]
-        header = ["system"] + [f"{m} gap reduction" for m in ("raw", "centroid", "mmd2")] + \
+        lines += [f"Changes against **{ref}**{_reference_note(metrics, ref)}:", ""]
+        labels = {"raw": "raw", "centroid": "centroid (L2M)", "l2i_first": "L2I first", "l2i_mean_caption":
+                  "L2I mean caption", "mmd2": "MMD²"}
+        shown = [m for m in REDUCTION_MEASURES if any(m in c.get("gap_reduction", {}) for c in comp.values())]
+        header = ["system"] + [f"{labels[m]} gap reduction" for m in shown] + \
                  ["Δ R@1 i→t", "Δ zero-shot", "Δ KMeans ARI", "Δ CIDEr-D"]
         rows = []
         for name, c in comp.items():
             red = c.get("gap_reduction", {})
             delta = c["delta"]
-            rows.append([name] + [f"{100 * red[m]:+.1f} %" if m in red else "—" for m in ("raw", "centroid", "mmd2")]
-                        + [_fmt(delta.get(k)) if k in delta else "—" for k in
+            ci = c.get("ci", {})
+            rows.append([name] + [f"{100 * red[m]:+.1f} %{_pct_interval(ci.get(f'gap_reduction.{m}'))}"
+                                  if m in red else "—" for m in shown]
+                        + [_fmt(delta.get(k)) + _interval(ci.get(f"delta.{k}")) if k in delta else "—" for k in
                            ("retrieval.i2t_R@1", "zeroshot.top1", "clustering.kmeans_ari", "caption.cider_d")])
         lines += markdown_table(header, rows)
-        lines += ["", "(gap reduction = 1 − gap(system) / gap(reference); positive = smaller gap)", ""]
+        lines += ["", "(gap reduction = 1 − gap(system) / gap(reference); positive = smaller gap"
+                  + ("; [low, high]: paired bootstrap intervals, both systems on the same image resamples)"
+                     if has_ci else ")"), ""]
 
     for task, title in TASK_TITLES.items():
         keys = []
@@ -130,8 +175,8 @@ def write_report(path: Path, metrics: dict) -> None:
             continue
         lines += [f"## {title}", ""]
         lines += markdown_table(["figure"] + names,
-                        [[key] + [_fmt(s.get(task, {}).get(key)) if task in s else "—" for s in systems.values()]
-                         for key in keys])
+                                [[_row_label(task, key)] + [cell(metrics, name, task, key) for name in names]
+                                 for key in keys])
         lines.append("")
         if task == "caption":
             lines += _caption_notes(systems)
@@ -139,12 +184,44 @@ def write_report(path: Path, metrics: dict) -> None:
         lines += ["## Figures", ""]
         lines += [f"![{f}]({f})" for f in metrics["figures"]]
         lines.append("")
+    if has_ci:
+        lines += _ci_section(boot)
     lines += ["## Definitions", ""]
     lines += [f"- `{k}`: {v}" for k, v in metrics["definitions"].items()]
     lines += ["", "## Timings (seconds)", ""]
     lines += [f"- {k}: {v}" for k, v in metrics["timings_seconds"].items()]
     with atomic_write(path) as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _row_label(task: str, key: str) -> str:
+    if task == "gap":
+        from cmalign.metrics.gap import LITERATURE_NAMES
+
+        if key in LITERATURE_NAMES:
+            return f"{key}: {LITERATURE_NAMES[key]}"
+    return key
+
+
+def _ci_section(boot: dict) -> list[str]:
+    lines = ["## Confidence intervals", "",
+             f"- {boot['method']}: {boot['repetitions']} resamples, seed {boot['seed']}, "
+             f"{100 * boot['level']:.0f} % percentile intervals; {', '.join(boot['slow'])} use "
+             f"{boot['repetitions_slow']} (each resample costs O(n²) or d×d eigenvalues), so their bounds carry "
+             "a larger Monte-Carlo error.",
+             "- Every system is resampled with the same images, so differences get paired intervals.",
+             "- What is resampled, and what is held fixed:", ""]
+    lines += [f"  - **{task}**: {how}" for task, how in boot["resampling"].items()]
+    if boot.get("basic"):
+        lines += ["", f"- {', '.join(boot['basic'])}: basic (reverse-percentile) intervals, for "
+                  f"{boot.get('basic_why', 'a resampling bias')}."]
+    if boot.get("without_ci"):
+        by_reason: dict[str, list[str]] = {}
+        for key, why in boot["without_ci"].items():
+            by_reason.setdefault(why, []).append(f"`{key}`")
+        lines += ["", "- Figures without an interval:"]
+        lines += [f"  - {why}: {', '.join(keys)}" for why, keys in by_reason.items()]
+    return lines + [""]
 
 
 def _caption_notes(systems: dict) -> list[str]:

@@ -23,10 +23,11 @@ from cmalign.evaluation import encoders
 from cmalign.evaluation.captioning.tokenize import NAME as TOKENIZER_NAME
 from cmalign.evaluation.config import EvalConfig
 from cmalign.evaluation.datasets import load_eval_data
-from cmalign.evaluation.evaluators import definitions, evaluators_for
+from cmalign.evaluation.evaluators import definitions, evaluators_for, without_ci
 from cmalign.evaluation.posthoc import fit_posthoc
 from cmalign.evaluation.system_embeddings import embed_all
 from cmalign.metrics import gap
+from cmalign.metrics.bootstrap import LEVEL, paired_interval
 
 KIND = "cmalign-eval"
 
@@ -85,8 +86,9 @@ def _posthoc_target(cfg: EvalConfig, embedded: dict) -> str:
     return cfg.posthoc_on
 
 
-def _run_tasks(emb, data, cfg: EvalConfig, name: str, log, progress, timings: dict) -> tuple[dict, dict]:
-    results, skipped = {}, {}
+def _run_tasks(emb, data, cfg: EvalConfig, name: str, log, progress, timings: dict) -> tuple[dict, dict, dict, dict]:
+    """(figures, skipped, intervals, replicates) of one system, each keyed by task."""
+    results, skipped, cis, replicates = {}, {}, {}, {}
     for evaluator in evaluators_for(cfg):
         task = evaluator.name
         if evaluator.needs_labels and data.eval.labels is None:
@@ -97,29 +99,79 @@ def _run_tasks(emb, data, cfg: EvalConfig, name: str, log, progress, timings: di
         results[task] = evaluator(emb, data, progress=lambda done, total, task=task: progress(
             f"{name}: {task} epoch {done}/{total}"))
         timings[f"{name}.{task}"] = round(time.perf_counter() - t0, 2)
-    return results, skipped
+        if "ci" in results[task]:
+            cis[task] = results[task].pop("ci")
+            replicates[task] = results[task].pop("_replicates")
+            timings[f"{name}.{task}.bootstrap"] = round(results[task].pop("_bootstrap_seconds"), 2)
+    return results, skipped, cis, replicates
 
 
-def _comparison(systems: dict, reference: str) -> dict:
-    """Gap reductions and metric deltas of every system against ``reference``."""
+def _comparison(systems: dict, reference: str, replicates: dict | None = None) -> dict:
+    """Gap reductions and metric deltas of every system against ``reference``; with the bootstrap replicates of
+    both (the same image resamples), each also gets a paired interval under ``ci``."""
     ref = systems[reference]
+    reps = replicates or {}
+    ref_reps = reps.get(reference, {})
     out = {}
     for name, res in systems.items():
         if name == reference:
             continue
         entry: dict = {}
+        ci: dict = {}
+        sys_reps = reps.get(name, {})
         if "gap" in res and "gap" in ref:
+            measures = [m for m in gap.EVAL_GAP_MEASURES if m in res["gap"] and m in ref["gap"]]
             entry["gap_reduction"] = {m: gap.gap_reduction(ref["gap"][m], res["gap"][m])
-                                      for m in gap.GAP_MEASURES if ref["gap"][m] > 0}
+                                      for m in measures if ref["gap"][m] > 0}
+            for m in entry["gap_reduction"]:
+                a, b = ref_reps.get("gap", {}).get(m), sys_reps.get("gap", {}).get(m)
+                if a is not None and b is not None:
+                    basic = entry["gap_reduction"][m] if m in gap.BASIC_INTERVAL else None
+                    ci[f"gap_reduction.{m}"] = paired_interval(a, b, lambda r, s: 1 - s / r, estimate=basic,
+                                                               ceiling=1.0)
         delta = {}
         for task in ("retrieval", "mixed", "clustering", "zeroshot", "caption"):
             if task in res and task in ref:
                 for key, value in res[task].items():
                     if isinstance(value, float) and isinstance(ref[task].get(key), float):
                         delta[f"{task}.{key}"] = value - ref[task][key]
+                        a, b = ref_reps.get(task, {}).get(key), sys_reps.get(task, {}).get(key)
+                        if a is not None and b is not None:
+                            ci[f"delta.{task}.{key}"] = paired_interval(a, b, lambda r, s: s - r)
         entry["delta"] = delta
+        if ci:
+            entry["ci"] = ci
         out[name] = entry
     return out
+
+
+def bootstrap_settings(cfg: EvalConfig) -> dict:
+    """What the intervals in metrics.json are, for the reader of the file."""
+    slow = min(cfg.bootstrap_slow, cfg.bootstrap)
+    return {
+        "repetitions": cfg.bootstrap, "repetitions_slow": slow,
+        "slow": [f"gap.{m}" for m in gap.SLOW_BOOTSTRAP], "seed": cfg.seed, "level": LEVEL,
+        "method": "percentile bootstrap (scipy.stats.bootstrap, method='percentile') over the evaluation images",
+        "basic": [f"gap.{m}" for m in gap.BASIC_INTERVAL],
+        "basic_why": "figures of estimated means or covariances: each resample adds the sampling noise again, so "
+                     "their replicates sit above the estimate and a percentile interval can miss it; their interval "
+                     "is the basic one, [2θ̂ − q97.5, 2θ̂ − q2.5], which undoes that shift to first order (so it may "
+                     "lie below a noise-inflated estimate)",
+        "resampling": {
+            "gap": "the (image, first caption) pairs, and the images with their mean captions; MMD² keeps the full "
+                   "sample's kernel bandwidth (median heuristic) and the estimate's own rows, and pairs only distinct "
+                   "images",
+            "retrieval": "i→t: the image queries; t→i: the caption queries of the resampled images (an image carries "
+                         "its captions); the gallery searched is fixed",
+            "mixed": "image queries, and the caption queries of the resampled images; the joint index is fixed",
+            "clustering": "the images with their prompt texts, cluster assignments fixed: the interval covers the "
+                          "sampling of evaluation items, not the randomness of KMeans or HDBSCAN",
+            "zeroshot": "the images; class weights fixed",
+            "caption": "the images, with the decoder and CIDEr-D's IDF (the whole reference corpus) fixed: CIDEr-D and "
+                       "ROUGE-L as means of per-image scores, BLEU-4 from the summed n-gram counts",
+        },
+        "without_ci": without_ci() if cfg.bootstrap else {},
+    }
 
 
 def evaluate(cfg: EvalConfig, log=None, progress=None) -> EvalResult:
@@ -156,12 +208,12 @@ def evaluate(cfg: EvalConfig, log=None, progress=None) -> EvalResult:
         posthoc_maps[f"{target}+{name}"] = fix.describe()
         embedded[f"{target}+{name}"] = embedded[target].mapped(fix)
 
-    systems, skipped = {}, {}
+    systems, skipped, cis, replicates = {}, {}, {}, {}
     for name, emb in embedded.items():
-        systems[name], why = _run_tasks(emb, data, cfg, name, say, tick, timings)
+        systems[name], why, cis[name], replicates[name] = _run_tasks(emb, data, cfg, name, say, tick, timings)
         skipped.update(why)
     reference = "baseline" if "baseline" in systems else "model"
-    comparison = _comparison(systems, reference)
+    comparison = _comparison(systems, reference, replicates)
 
     metrics = {
         "kind": KIND, "cmalign_version": cmalign.__version__,
@@ -175,8 +227,12 @@ def evaluate(cfg: EvalConfig, log=None, progress=None) -> EvalResult:
                      "clustering": "KMeans(k = classes, n_init 10); HDBSCAN(min_cluster_size = max(5, points / "
                                    "(4 × classes)), min_samples 5) after PCA to 50 dims",
                      "retrieval_ties": "expected value over a random order of exactly tied scores",
-                     "gap_pairs": "each image with its first caption"},
+                     "gap_pairs": "each image with its first caption (l2i_mean_caption, raw_mean_caption: with "
+                                  "its re-normalised mean caption)",
+                     "bootstrap": cfg.bootstrap},
         "systems": systems, "skipped": skipped,
+        "ci": cis if cfg.bootstrap else {},
+        "bootstrap": bootstrap_settings(cfg),
         "comparison": {"reference": reference, "systems": comparison},
         "timings_seconds": timings,
         "versions": versions(),

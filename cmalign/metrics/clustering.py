@@ -18,8 +18,13 @@ HDBSCAN_PCA_DIMS = 50  # tree-based HDBSCAN on 10k × 512 took ~100 s here; afte
 
 
 def joint_clustering(image_emb: np.ndarray, text_emb: np.ndarray, labels, seed: int = 0,
-                     hdbscan: bool = True, min_cluster_size: int | None = None) -> dict:
-    """Cluster ``[images; texts]`` (text i belongs with image i) and score against ``labels`` twice over."""
+                     hdbscan: bool = True, min_cluster_size: int | None = None, return_assignments: bool = False):
+    """Cluster ``[images; texts]`` (text i belongs with image i) and score against ``labels`` twice over.
+
+    ``return_assignments=True`` returns ``(figures, assignments)``: the class index of each image (``"truth"``) and
+    the cluster of every point of ``[images; texts]`` (``"kmeans"``, ``"hdbscan"``), so that scores can be
+    recomputed on resampled images with the clustering held fixed.
+    """
     image_emb, text_emb = np.asarray(image_emb, np.float64), np.asarray(text_emb, np.float64)
     if image_emb.shape != text_emb.shape:
         raise ConfigError(f"one text per image is needed: {image_emb.shape} images vs {text_emb.shape} texts")
@@ -41,9 +46,12 @@ def joint_clustering(image_emb: np.ndarray, text_emb: np.ndarray, labels, seed: 
         # how far the clusters follow modality instead of class (1 = clusters are exactly the two modalities)
         "kmeans_modality_nmi": float(normalized_mutual_info_score(modality, km)),
     }
+    assignments = {"truth": truth, "kmeans": km}
     if hdbscan:
-        out.update(_hdbscan_scores(points, truth2, len(classes), seed, min_cluster_size))
-    return out
+        scores = _hdbscan_scores(points, truth2, len(classes), seed, min_cluster_size)
+        assignments["hdbscan"] = scores.pop("_pred")
+        out.update(scores)
+    return (out, assignments) if return_assignments else out
 
 
 def _hdbscan_scores(points: np.ndarray, truth: np.ndarray, n_classes: int, seed: int,
@@ -64,6 +72,7 @@ def _hdbscan_scores(points: np.ndarray, truth: np.ndarray, n_classes: int, seed:
         "hdbscan_clusters": int(len(set(pred[~noise]))),
         "hdbscan_noise_share": float(noise.mean()),
         "hdbscan_min_cluster_size": int(size),
+        "_pred": pred,
     }
 
 

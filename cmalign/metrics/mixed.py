@@ -48,9 +48,14 @@ def _ranks(queries: np.ndarray, self_ids: np.ndarray, corpus: np.ndarray, partne
 
 
 def mixed_modality_report(image_emb: np.ndarray, text_emb: np.ndarray, image_pair: np.ndarray,
-                          text_pair: np.ndarray, k: int = 10, index=None) -> dict:
+                          text_pair: np.ndarray, k: int = 10, index=None, per_query: bool = False):
     """Figures of the joint set ``[images; texts]``; ``index`` (a :class:`cmalign.index.joint.JointIndex` built from the
-    embeddings directory these arrays were loaded from) is used for the top-k shares when given."""
+    embeddings directory these arrays were loaded from) is used for the top-k shares when given.
+
+    ``per_query=True`` returns ``(figures, per_query)``: per text and per image query, how many of its top k are of
+    the other modality (``*_other``), how many are valid (``*_valid``) and its partner's rank (``*_rank``), which
+    the bootstrap intervals resample.
+    """
     image_emb = np.asarray(image_emb, np.float32)
     text_emb = np.asarray(text_emb, np.float32)
     image_pair, text_pair = np.asarray(image_pair), np.asarray(text_pair)
@@ -87,7 +92,7 @@ def mixed_modality_report(image_emb: np.ndarray, text_emb: np.ndarray, image_pai
         valid = top >= 0
         return float(np.sum(is_image[top[valid]] == want_image) / max(valid.sum(), 1))
 
-    return {
+    figures = {
         "k": k, "images": n_img, "texts": len(text_emb),
         f"text_query_image_share@{k}": share(t_top, True),
         f"text_query_partner_hit@{k}": float(np.mean(t_rank <= k)),
@@ -98,3 +103,14 @@ def mixed_modality_report(image_emb: np.ndarray, text_emb: np.ndarray, image_pai
         "image_query_partner_rank_median": float(np.median(i_rank)),
         "image_query_partner_rank_mean": float(np.mean(i_rank)),
     }
+    if not per_query:
+        return figures
+
+    def other(top, want_image):
+        valid = top >= 0
+        return np.sum(valid & (is_image[np.maximum(top, 0)] == want_image), axis=1), valid.sum(axis=1)
+
+    t_other, t_valid = other(t_top, True)
+    i_other, i_valid = other(i_top, False)
+    return figures, {"text_other": t_other, "text_valid": t_valid, "text_rank": t_rank,
+                     "image_other": i_other, "image_valid": i_valid, "image_rank": i_rank}

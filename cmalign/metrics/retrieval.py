@@ -51,8 +51,13 @@ def _rank_stats(scores: np.ndarray, positive: np.ndarray, tol: float) -> tuple[n
 
 
 def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, caption_image: np.ndarray,
-                      ks=KS, block: int = 1024, tol: float = TIE_TOLERANCE) -> dict[str, float]:
-    """R@k both ways and the mean/median rank of the first hit; ``caption_image[j]`` is the image of caption j."""
+                      ks=KS, block: int = 1024, tol: float = TIE_TOLERANCE, per_query: bool = False):
+    """R@k both ways and the mean/median rank of the first hit; ``caption_image[j]`` is the image of caption j.
+
+    ``per_query=True`` returns ``(figures, per_query)`` with each query's expected hit at k and rank
+    (``"i2t_hit@k"``, ``"i2t_rank"`` per image; ``"t2i_hit@k"``, ``"t2i_rank"`` per caption), which the
+    bootstrap intervals resample.
+    """
     image_emb = np.asarray(image_emb, np.float32)
     text_emb = np.asarray(text_emb, np.float32)
     caption_image = np.asarray(caption_image, np.int64)
@@ -67,6 +72,7 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, caption_image
         raise ConfigError("every image needs at least one caption")
 
     out: dict[str, float] = {}
+    queries_out: dict[str, np.ndarray] = {}
     for direction, queries, corpus in (("i2t", image_emb, text_emb), ("t2i", text_emb, image_emb)):
         hits = {k: [] for k in ks}
         ranks = []
@@ -84,12 +90,15 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, caption_image
             # expected 1-based rank of the first positive: greater + E[M], E[M] = (e + p + 1) / (p + 1)
             ranks.append(greater + (equal + pos_tied + 1) / (pos_tied + 1))
         for k in ks:
-            out[f"{direction}_R@{k}"] = float(np.concatenate(hits[k]).mean())
+            h = np.concatenate(hits[k])
+            out[f"{direction}_R@{k}"] = float(h.mean())
+            queries_out[f"{direction}_hit@{k}"] = h
         r = np.concatenate(ranks)
         out[f"{direction}_mean_rank"] = float(r.mean())
         out[f"{direction}_median_rank"] = float(np.median(r))
+        queries_out[f"{direction}_rank"] = r
     out["images"], out["captions"] = n_img, n_txt
-    return out
+    return (out, queries_out) if per_query else out
 
 
 DEFINITIONS = {

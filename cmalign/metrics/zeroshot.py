@@ -12,8 +12,13 @@ from cmalign.errors import ConfigError
 from cmalign.metrics.vectors import l2_normalize
 
 
-def zero_shot_accuracy(image_emb: np.ndarray, labels, class_names, class_weights: np.ndarray) -> dict:
-    """Top-1 (and top-5 where there are more than 5 classes) with one weight row per class name."""
+def zero_shot_accuracy(image_emb: np.ndarray, labels, class_names, class_weights: np.ndarray,
+                       per_image: bool = False):
+    """Top-1 (and top-5 where there are more than 5 classes) with one weight row per class name.
+
+    ``per_image=True`` returns ``(figures, per_image)``: each image's class index and whether its top-1 (top-5)
+    was right, for the bootstrap intervals.
+    """
     labels = list(labels)
     index = {c: i for i, c in enumerate(class_names)}
     missing = sorted({lbl for lbl in labels if lbl not in index})
@@ -25,10 +30,12 @@ def zero_shot_accuracy(image_emb: np.ndarray, labels, class_names, class_weights
     per_class = [top1[truth == c].mean() for c in range(len(class_names)) if np.any(truth == c)]
     out = {"top1": float(top1.mean()), "mean_per_class": float(np.mean(per_class)),
            "classes": int(len(class_names)), "images": int(len(labels))}
+    each = {"truth": truth, "top1": top1.astype(np.float64)}
     if len(class_names) > 5:
         top5 = np.argsort(-scores, axis=1)[:, :5]
-        out["top5"] = float(np.mean((top5 == truth[:, None]).any(1)))
-    return out
+        each["top5"] = (top5 == truth[:, None]).any(1).astype(np.float64)
+        out["top5"] = float(np.mean(each["top5"]))
+    return (out, each) if per_image else out
 
 
 def class_weights(prompt_emb: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 from scipy.stats import linregress
 
 from cmalign.errors import ConfigError
-from cmalign.metrics.gap import GAP_MEASURES
+from cmalign.metrics.gap import EVAL_GAP_MEASURES, GAP_MEASURES
 
 # (key in a row's "metrics", label)
 TASK_METRICS = (
@@ -86,3 +86,70 @@ def recommend(rows: list[dict], max_zeroshot_drop: float, select: str = "gap") -
 
 def _value(row: dict, key: str):
     return row.get(key) if key in row else row.get("metrics", {}).get(key)
+
+
+# --------------------------------------------------------------------------- read beside sweep.json (report-side)
+
+POPULATIONS = {
+    "alpha_runs": ("the alpha runs only", lambda r: r.get("kind") == "alpha"),
+    "all": ("every run, the base model and its post-hoc fixes", lambda r: True),
+}
+
+
+def r2_by_population(rows: list[dict], gaps=EVAL_GAP_MEASURES, metrics=TASK_METRICS) -> dict:
+    """R² tables over the alpha runs alone and over every row (runs + base + post-hoc fixes), each with its n.
+
+    The paper fits over a sweep *plus* post-hoc baselines; the fixes sit at other places on the gap axes, so the
+    two populations can disagree, and each is reported.
+    """
+    out = {}
+    for key, (label, keep) in POPULATIONS.items():
+        chosen = [r for r in rows if "metrics" in r and keep(r)]
+        present = [g for g in gaps if any(f"gap.{g}" in r["metrics"] for r in chosen)]
+        out[key] = {"label": label, "rows": len(chosen), "names": [r["name"] for r in chosen],
+                    "table": r2_table(chosen, present, metrics)}
+    return out
+
+
+def gap_reductions(rows: list[dict], reference: dict | None, gaps=EVAL_GAP_MEASURES) -> dict:
+    """{row name: {measure: 1 − gap(row) / gap(reference)}} for every measured row but the reference itself."""
+    if reference is None:
+        return {}
+    ref = reference["metrics"]
+    out = {}
+    for r in rows:
+        if "metrics" not in r or r is reference:
+            continue
+        out[r["name"]] = {g: 1 - r["metrics"][f"gap.{g}"] / ref[f"gap.{g}"] for g in gaps
+                          if f"gap.{g}" in r["metrics"] and ref.get(f"gap.{g}", 0) > 0}
+    return out
+
+
+def reference_rows(rows: list[dict]) -> dict:
+    """The rows gap reductions are quoted against: the original model ("base") and the α = 0 run, where present."""
+    measured = [r for r in rows if "metrics" in r]
+    out = {}
+    base = next((r for r in measured if r.get("kind") == "base"), None)
+    if base is not None:
+        out["base"] = base
+    alpha0 = next((r for r in measured if r.get("kind") == "alpha" and r.get("alpha_target") == 0), None)
+    if alpha0 is not None:
+        out["alpha0"] = alpha0
+    return out
+
+
+def row_intervals(row: dict) -> dict:
+    """{"task.figure": [low, high]} of a sweep row, from its eval's metrics.json (empty if it has none)."""
+    import json
+    from pathlib import Path
+
+    if not row.get("eval_dir"):
+        return {}
+    path = Path(row["eval_dir"]) / "metrics.json"
+    try:
+        ci = json.loads(path.read_text()).get("ci", {}) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    system = "model" if row.get("kind") in ("alpha", "variant", "base") else row["name"].replace("base+", "model+", 1)
+    return {f"{task}.{key}": v for task, figures in ci.get(system, {}).items() for key, v in figures.items()
+            if v is not None}

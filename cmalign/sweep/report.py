@@ -8,8 +8,16 @@ from pathlib import Path
 from cmalign.artifacts.atomic import atomic_write
 from cmalign.evaluation.figures import pyplot
 from cmalign.evaluation.report import markdown_table
-from cmalign.metrics.gap import GAP_MEASURES
-from cmalign.sweep.analysis import TASK_METRICS, pareto_front, r_squared
+from cmalign.metrics.gap import LITERATURE_NAMES
+from cmalign.sweep.analysis import (
+    TASK_METRICS,
+    gap_reductions,
+    pareto_front,
+    r2_by_population,
+    r_squared,
+    reference_rows,
+    row_intervals,
+)
 
 R2_GAPS = ("raw", "centroid", "mmd2", "bures", "coral", "rmg")
 PAPER_R2 = "the paper reports R²(distribution gap) = 0.986 against R²(raw gap) = 0.691"
@@ -71,18 +79,77 @@ def write_sweep_report(out: Path, summary: dict) -> None:
     else:
         lines += [f"No alpha run keeps the zero-shot drop within {100 * s['max_zeroshot_drop']:.1f} % "
                   "(or none was evaluated); loosen --max-zeroshot-drop or add smaller alphas.", ""]
-    lines += ["## Which gap measure predicts the tasks (R² of a least-squares line, over every run and baseline)",
-              "", f"For comparison, {PAPER_R2}.", ""]
+    lines += _interval_table(summary)
+    lines += _reduction_tables(summary)
+    lines += ["## Which gap measure predicts the tasks (R² of a least-squares line)", "",
+              f"For comparison, {PAPER_R2}. The paper fits over its α sweep plus the post-hoc baselines; both "
+              "populations are shown, each with its n.", ""]
     metrics = [k for k, _ in TASK_METRICS]
     header = ["gap measure"] + [label for _, label in TASK_METRICS]
-    rows = [[g] + [_num(summary["r2"][g][k]["r2"]) for k in metrics] for g in GAP_MEASURES]
-    lines += markdown_table(header, rows)
-    n = max((summary["r2"]["raw"][k]["n"] for k in metrics), default=0)
-    lines += ["", f"({n} points per cell at most; with few points R² is fragile — read it as a direction.)", ""]
+    for pop in r2_by_population(summary["rows"]).values():
+        table = pop["table"]
+        lines += [f"### Over {pop['label']} (n = {pop['rows']}: {', '.join(pop['names']) or 'none'})", ""]
+        if not table:
+            lines += ["(no gap figures)", ""]
+            continue
+        lines += markdown_table(header, [[_gap_label(g)] + [_num(table[g][k]["r2"]) for k in metrics]
+                                         for g in table])
+        n = max((table[g][k]["n"] for g in table for k in metrics), default=0)
+        lines += ["", f"({n} points per cell at most; R² needs 3, and with few points it is fragile — read it as a "
+                  "direction.)", ""]
     if figures:
         lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     with atomic_write(out / "report.md") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _gap_label(g: str) -> str:
+    return {"centroid": "centroid (L2M)", "l2i_first": "L2I (first caption)",
+            "l2i_mean_caption": "L2I (mean caption)", "raw_mean_caption": "raw (mean caption)"}.get(g, g)
+
+
+INTERVAL_COLUMNS = (("gap.raw", "raw gap"), ("gap.l2i_first", "L2I"), ("gap.mmd2", "MMD²"),
+                    ("clustering.kmeans_ari", "ARI (KMeans)"), ("zeroshot.top1", "zero-shot top-1"),
+                    ("retrieval.i2t_R@1", "R@1 i→t"), ("caption.cider_d", "CIDEr-D"), ("caption.rouge_l", "ROUGE-L"))
+
+
+def _interval_table(summary: dict) -> list[str]:
+    """Headline figures of each row with the 95 % intervals its eval wrote (none for evals without them)."""
+    rows = [r for r in summary["rows"] if "metrics" in r]
+    cis = {r["name"]: row_intervals(r) for r in rows}
+    if not any(cis.values()):
+        return []
+    cols = [(k, lbl) for k, lbl in INTERVAL_COLUMNS if any(k in r["metrics"] for r in rows)]
+    table = []
+    for r in rows:
+        cells = []
+        for k, _ in cols:
+            v, ci = r["metrics"].get(k), cis[r["name"]].get(k)
+            cells.append("—" if v is None else _num(v, 4) + (f" [{_num(ci[0], 4)}, {_num(ci[1], 4)}]" if ci else ""))
+        table.append([r["name"]] + cells)
+    return (["## Figures with 95 % intervals", "",
+             "Percentile bootstrap over the evaluation images, from each run's eval (metrics.json → `ci`).", ""]
+            + markdown_table(["run"] + [lbl for _, lbl in cols], table) + [""])
+
+
+def _reduction_tables(summary: dict) -> list[str]:
+    """Every gap measure's reduction against the original model and against α = 0, where each is present."""
+    lines = []
+    titles = {"base": "the original model (base)", "alpha0": "α = 0 (plain fine-tuning of equal length)"}
+    for key, ref in reference_rows(summary["rows"]).items():
+        red = gap_reductions(summary["rows"], ref)
+        measures = [g for g in ("raw", "centroid", "l2i_first", "l2i_mean_caption", "mmd2", "bures", "w2", "rmg")
+                    if any(g in v for v in red.values())]
+        if not red or not measures:
+            continue
+        lines += [f"## Gap reduction against {titles[key]}: {ref['name']}", ""]
+        lines += markdown_table(["run"] + [_gap_label(g) for g in measures],
+                                [[name] + [_pct(v.get(g)) for g in measures] for name, v in red.items()])
+        lines += ["", "gap reduction = 1 − gap(run) / gap(reference), measure by measure ("
+                  + "; ".join(f"{g}: {LITERATURE_NAMES[g]}" for g in measures if g in LITERATURE_NAMES)
+                  + "). The runs were evaluated separately, so these reductions carry no paired interval; "
+                  "`cmalign eval RUN --baseline REF` gives one.", ""]
+    return lines
 
 
 def write_sweep_figures(out: Path, summary: dict) -> list[str]:
