@@ -188,8 +188,8 @@ def _finish(r: FitRun, steps: int, t_start: float) -> FitResult:
             "pretrained": r.pretrained,
             "alpha_target": cfg.alpha_target,
             # the paper's α (its CMA term is not multiplied by the logit scale s): α·s with s at the end of the run
-            "alpha_target_paper_units": alpha_in_paper_units(cfg.alpha_target, float(r.model.logit_scale.detach().exp()),
-                                                             cfg.loss.scale_by_logit_scale),
+            "alpha_target_paper_units": alpha_in_paper_units(
+                cfg.alpha_target, float(r.model.logit_scale.detach().exp()), cfg.loss.scale_by_logit_scale),
             "config_hash": cfg.hash(),
             "steps": steps,
             "world_size": env.world_size,
