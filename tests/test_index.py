@@ -213,9 +213,74 @@ def test_add_extends_the_index_without_rebuilding(val_emb, test_emb, tmp_path, f
     assert (ids[:, 0] >= 6000).all()
     _, old_ids = before.search(q, 1)
     assert (old_ids < 6000).all()
-    assert after.manifest["recall"]["recall_at_k"] >= 0.95
     r = runner.invoke(app, ["index-add", str(idx), str(test_emb)])
     assert r.exit_code == 2 and "already in" in r.output
+
+
+def test_add_retunes_the_knobs_on_the_grown_index(val_emb, test_emb, tmp_path):
+    """The recall that index-add records is measured on the grown index with the knobs it set: measured again here,
+    independently, on the queries it held out (the new part's last ids) against exact search over all other items.
+    Keeping the old knobs and their old recall would not match."""
+    import faiss
+
+    idx = tmp_path / "idx"
+    build_index(IndexConfig(embeddings=str(val_emb), out=str(idx), factory="IVF32,Flat"))
+    add_to_index(idx, test_emb)
+    grown = JointIndex(idx)
+    recall, knobs = grown.manifest["recall"], grown.manifest["search_params"]
+    assert recall["measured"] and recall.get("after_add") == 1 and "stale" not in recall
+    from cmalign.index.tuning import get_search_params
+
+    assert get_search_params(grown.index) == knobs  # the knobs it measured are the ones search uses
+    n, q, k = len(grown), recall["queries"], recall["k"]
+    assert (grown.ids["part"].to_numpy()[n - q:] == 1).all()  # held out from the new part, added last
+    unwrap(grown.index, "ivf").make_direct_map()
+    vectors = grown.index.reconstruct_n(0, n)  # IVF-Flat stores the vectors as they are
+    queries = vectors[n - q:]
+    exact = queries @ vectors[:n - q].T
+    kth = np.sort(exact, axis=1)[:, -k]  # the exact k-th score over everything but the held-out queries
+    params = faiss.SearchParametersIVF(nprobe=knobs["nprobe"], sel=faiss.IDSelectorRange(0, n - q))
+    _, found = grown.index.search(queries, k, params=params)
+    assert (found >= 0).all()
+    hits = (np.take_along_axis(exact, found, 1) >= kth[:, None] - 1e-5).sum()
+    assert recall["recall_at_k"] == pytest.approx(hits / (k * q), abs=1e-4)  # the manifest rounds to 4 digits
+
+
+def test_add_with_no_retune_keeps_the_knobs_and_marks_the_recall_stale(val_emb, test_emb, tmp_path):
+    idx = tmp_path / "idx"
+    build_index(IndexConfig(embeddings=str(val_emb), out=str(idx), factory="IVF32,Flat"))
+    before = JointIndex(idx).manifest
+    r = runner.invoke(app, ["index-add", str(idx), str(test_emb), "--no-retune"])
+    assert r.exit_code == 0, r.output
+    after = JointIndex(idx)
+    assert len(after) == 12000
+    # re-tuning would lower nprobe here (2 -> 1: the test split's queries are easier), so the knobs tell
+    assert after.manifest["search_params"] == before["search_params"]
+    from cmalign.index.tuning import get_search_params
+
+    assert get_search_params(after.index) == before["search_params"]
+    recall = after.manifest["recall"]
+    assert recall["stale"] == "not re-measured after adding part 1 (--no-retune)"
+    assert {k: v for k, v in recall.items() if k != "stale"} == before["recall"]
+    assert "note: not re-measured after adding part 1 (--no-retune)" in " ".join(r.output.split())
+
+
+def test_add_keeps_the_knobs_and_marks_the_recall_stale_when_an_earlier_part_is_gone(val_emb, test_emb, tmp_path):
+    """Re-tuning needs every earlier part's embeddings (the exact truth is over all of them): without them the add
+    still works, keeps the old knobs and says the recall was not re-measured."""
+    emb = _copy(val_emb, tmp_path)
+    idx = tmp_path / "idx"
+    build_index(IndexConfig(embeddings=str(emb), out=str(idx), factory="IVF32,Flat"))
+    before = JointIndex(idx).manifest
+    shutil.rmtree(emb)
+    r = runner.invoke(app, ["index-add", str(idx), str(test_emb)])
+    assert r.exit_code == 0, r.output
+    after = JointIndex(idx)
+    assert len(after) == 12000 and after.manifest["search_params"] == before["search_params"]
+    why = "not re-measured after adding part 1 (an earlier part's embeddings directory is gone or changed)"
+    recall = after.manifest["recall"]
+    assert recall["stale"] == why and {k: v for k, v in recall.items() if k != "stale"} == before["recall"]
+    assert f"note: {why}" in " ".join(r.output.split())
 
 
 def test_add_refuses_embeddings_of_another_export(val_emb, tmp_path):
@@ -505,6 +570,67 @@ def test_overwrite_replaces_an_index_but_never_the_embeddings_or_foreign_files(v
     r = runner.invoke(app, ["index", str(val_emb), "--out", str(photos), "--overwrite"])
     assert r.exit_code == 2 and "not a cmalign-index" in r.output
     assert (photos / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_overwrite_leaves_only_the_new_index_and_it_loads(val_emb, tmp_path):
+    """An on-disk IVF index (with index.ivfdata) rebuilt as Flat with --overwrite: nothing of the old one is left."""
+    out = tmp_path / "idx"
+    build_index(IndexConfig(embeddings=str(val_emb), out=str(out), factory="IVF32,Flat", on_disk=True))
+    assert (out / "index.ivfdata").is_file()
+    r = runner.invoke(app, ["index", str(val_emb), "--out", str(out), "--factory", "Flat", "--overwrite", "-q"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted([*m["files"].values(), "manifest.json"])
+    assert not (out / "index.ivfdata").exists() and not m["on_disk"] and m["factory"] == "Flat"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temporary or old directory left beside it
+    index = JointIndex(out)  # checksums verified on load
+    e = load_embeddings(val_emb)
+    _, ids = index.search(e.image[:3], 1, modality="image")
+    assert list(index.ids["row"].to_numpy()[ids[:, 0]]) == [0, 1, 2]
+
+
+def test_an_unreached_recall_target_warns_and_sets_the_best_knobs(val_emb, tmp_path):
+    """4-byte PQ codes (8 × 4 bits) without refinement cannot reach recall@10 0.99 at any nprobe (measured: 0.31)."""
+    out = tmp_path / "idx"
+    r = runner.invoke(app, ["index", str(val_emb), "--out", str(out), "--factory", "IVF16,PQ8x4",
+                            "--recall-target", "0.99"])
+    assert r.exit_code == 0, r.output
+    assert ("warning: the recall target 0.99 was not reached; the knobs giving the best recall are set"
+            in " ".join(r.output.split()))
+    m = json.loads((out / "manifest.json").read_text())
+    recall = m["recall"]
+    assert not recall["reached"] and recall["recall_at_k"] < 0.99
+    best = max(row["recall"] for row in recall["tried"])
+    chosen = [row for row in recall["tried"] if row["nprobe"] == m["search_params"]["nprobe"]]
+    assert recall["recall_at_k"] == best and [row["recall"] for row in chosen] == [best]
+    assert best > min(row["recall"] for row in recall["tried"])  # the choice mattered
+
+
+def test_max_memory_bounds_the_index_auto_builds(val_emb, tmp_path):
+    """6000 × 128 floats are 2.9 MiB: under a 2 MiB budget auto builds compressed codes that fit it."""
+    out = tmp_path / "idx"
+    r = runner.invoke(app, ["index", str(val_emb), "--out", str(out), "--max-memory", "2M", "-q"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["memory"]["budget_bytes"] == 2 << 20 and "PQ" in m["factory"]
+    assert m["memory"]["estimate_bytes"] <= 2 << 20 and (out / "index.faiss").stat().st_size <= 2 << 20
+    assert m["recall"]["reached"]
+    r = runner.invoke(app, ["index", str(val_emb), "--out", str(tmp_path / "small"), "--max-memory", "100K"])
+    assert r.exit_code == 2 and "need at least" in r.output and "--max-memory" in r.output
+    assert not (tmp_path / "small").exists()
+
+
+def test_search_gpu_without_a_gpu_is_a_one_line_error(val_emb, tmp_path):
+    import faiss
+
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("this faiss sees a GPU")
+    build_index(IndexConfig(embeddings=str(val_emb), out=str(tmp_path / "idx"), factory="Flat"))
+    r = runner.invoke(app, ["search", str(tmp_path / "idx"), "--text", "a red circle", "--gpu"])
+    assert r.exit_code == 2
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --gpu: this faiss"), r.output
+    assert "sees no GPU" in lines[0] and "faiss-gpu" in lines[0]
 
 
 @pytest.mark.parametrize("factory", ["HNSW32", "IVF16,PQ16x4fs,Refine(SQ8)"])

@@ -2,6 +2,8 @@
 
 import json
 import math
+import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -52,54 +54,175 @@ def test_pareto_front_and_recommendation():
         recommend(rows, 0.05, select="speed")
 
 
-def test_tiny_sweep_end_to_end_and_resume(tmp_path):
-    out = tmp_path / "sweep"
-    # the first invocation stops after α = 0 (as if interrupted), without the base model
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    """A tiny sweep run as a user continues one: α = 0 alone (as if interrupted), then α = 0 and 0.5, then α = 0.5's
+    model and eval are deleted (a run killed after its checkpoint, before its model) and the sweep is run again
+    with the base model and --jobs 2."""
+    out = tmp_path_factory.mktemp("sweep") / "sweep"
     r, text = _invoke(["--alphas", "0", "--no-baselines", *TINY, "--out", str(out)])
     assert r.exit_code == 0, text
-    first_model = (out / "runs" / "a0" / "model" / "open_clip_model.safetensors").stat().st_mtime_ns
-
-    # a run killed before writing its model continues from its checkpoint
+    a0_model = out / "runs" / "a0" / "model" / "open_clip_model.safetensors"
+    a0_before = (a0_model.stat().st_mtime_ns, a0_model.read_bytes())
     r, text = _invoke(["--alphas", "0,0.5", "--no-baselines", *TINY, "--out", str(out)])
     assert r.exit_code == 0, text
-    import shutil
-
+    a05_log_before = (out / "runs" / "a0.5" / "metrics.jsonl").read_text().splitlines()
     shutil.rmtree(out / "runs" / "a0.5" / "model")
     shutil.rmtree(out / "evals" / "a0.5")
-
     r, text = _invoke(["--alphas", "0,0.5", *TINY, "--jobs", "2", "--out", str(out)])
     assert r.exit_code == 0, text
-    s = json.loads((out / "sweep.json").read_text())
-    jobs = {j["name"]: j for j in s["jobs"]}
+    return SimpleNamespace(out=out, text=" ".join(text.split()), summary=json.loads((out / "sweep.json").read_text()),
+                           a0_before=a0_before, a05_log_before=a05_log_before)
+
+
+def _row(summary, name):
+    return next(r for r in summary["rows"] if r["name"] == name)
+
+
+def _eval_model(out, name):
+    """The 'model' system of a run's eval report (the base model's for 'base'; 'base+X' is that fix's)."""
+    if name.startswith("base"):
+        m = json.loads((out / "evals" / "base" / "metrics.json").read_text())["systems"]
+        return m["model" if name == "base" else name.replace("base+", "model+")]
+    return json.loads((out / "evals" / name / "metrics.json").read_text())["systems"]["model"]
+
+
+def test_a_finished_run_and_its_eval_are_kept_when_the_sweep_continues(tiny_sweep):
+    jobs = {j["name"]: j for j in tiny_sweep.summary["jobs"]}
     assert jobs["a0"]["fit"] == "kept" and jobs["a0"]["eval"] == "kept"
+    model = tiny_sweep.out / "runs" / "a0" / "model" / "open_clip_model.safetensors"
+    assert (model.stat().st_mtime_ns, model.read_bytes()) == tiny_sweep.a0_before
+
+
+def test_a_run_killed_before_its_model_continues_from_its_last_checkpoint(tiny_sweep):
+    out = tiny_sweep.out
+    jobs = {j["name"]: j for j in tiny_sweep.summary["jobs"]}
     assert jobs["a0.5"]["fit"] == "resumed" and jobs["a0.5"]["eval"] == "evaluated"
-    assert (out / "runs" / "a0" / "model" / "open_clip_model.safetensors").stat().st_mtime_ns == first_model
+    assert (out / "runs" / "a0.5" / "model" / "open_clip_model.safetensors").is_file()
+    assert (out / "evals" / "a0.5" / "metrics.json").is_file()
+    # steps 1-3 (up to the checkpoint at step 3) are the first fit's log lines, timings included, which a fit started
+    # again from scratch would have rewritten; steps 4-6 were trained once more
+    log = (out / "runs" / "a0.5" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in log] == [1, 2, 3, 4, 5, 6]
+    assert log[:3] == tiny_sweep.a05_log_before[:3]
+    assert log[3:] != tiny_sweep.a05_log_before[3:]
 
-    names = [row["name"] for row in s["rows"]]
-    assert names == ["a0", "a0.5", "base", "base+centring", "base+liang", "base+procrustes"]
+
+def test_rows_are_the_alphas_then_the_base_model_and_its_posthoc_fixes(tiny_sweep):
+    assert [row["name"] for row in tiny_sweep.summary["rows"]] == [
+        "a0", "a0.5", "base", "base+centring", "base+liang", "base+procrustes"]
+    assert [row["kind"] for row in tiny_sweep.summary["rows"]] == ["alpha", "alpha", "base"] + ["posthoc"] * 3
+
+
+def test_each_row_holds_its_own_eval_figures(tiny_sweep):
+    for row in tiny_sweep.summary["rows"]:
+        system = _eval_model(tiny_sweep.out, row["name"])
+        for task, key in (("gap", "raw"), ("gap", "mmd2"), ("clustering", "kmeans_ari"), ("caption", "cider_d"),
+                          ("zeroshot", "top1"), ("retrieval", "i2t_R@1")):
+            assert row["metrics"][f"{task}.{key}"] == system[task][key], (row["name"], task, key)
+
+
+def test_changes_are_measured_against_the_alpha_0_run(tiny_sweep):
+    s = tiny_sweep.summary
     assert s["reference"] == "a0"
-    assert s["compute_seconds"] > sum(j.get("fit_seconds", 0) for j in s["jobs"])  # kept runs still count
-    a05 = s["rows"][1]
-    assert {"gap.raw", "gap.mmd2", "clustering.kmeans_ari", "caption.cider_d", "zeroshot.top1"} <= set(a05["metrics"])
-    assert a05["stability"]["steps"] == 6 and a05["stability"]["non_finite"] == 0
-    assert np.isfinite(s["r2"]["raw"]["clustering.kmeans_ari"]["r2"])
-    assert s["r2"]["mmd2"]["caption.cider_d"]["n"] == 6
-    rec = s["recommendation"]
-    assert rec is None or rec["export_command"].startswith("cmalign export ")
-    report = (out / "report.md").read_text()
-    assert "| run | alpha_target | gap reduction |" in report and "0.986" in report
-    for fig in ("pareto.png", "tradeoffs.png", "gap_vs_task.png"):
-        assert (out / fig).read_bytes()[:4] == b"\x89PNG"
-    assert "recommended" in text or "no alpha" in text
+    ref = _eval_model(tiny_sweep.out, "a0")
+    for row in s["rows"]:
+        m = _eval_model(tiny_sweep.out, row["name"])
+        assert row["raw_gap_reduction"] == pytest.approx(1 - m["gap"]["raw"] / ref["gap"]["raw"], abs=1e-12)
+        drop = (ref["zeroshot"]["top1"] - m["zeroshot"]["top1"]) / ref["zeroshot"]["top1"]
+        assert row["zeroshot_drop"] == pytest.approx(drop, abs=1e-12), row["name"]
+    assert _row(s, "a0")["raw_gap_reduction"] == 0
 
-    # each run is an ordinary run directory that `cmalign export` takes
-    r = runner.invoke(app, ["export", str(out / "runs" / "a0.5"), "--out", str(tmp_path / "exp"),
+
+def test_stability_is_read_from_the_run_log(tiny_sweep):
+    row = _row(tiny_sweep.summary, "a0.5")
+    log = (tiny_sweep.out / "runs" / "a0.5" / "metrics.jsonl").read_text().splitlines()
+    totals = [json.loads(x)["total"] for x in log]
+    assert row["stability"]["steps"] == 6 and row["stability"]["non_finite"] == 0
+    assert row["stability"]["max_loss"] == max(totals)
+    assert row["stability"]["final_loss"] == pytest.approx(np.mean(totals), rel=1e-12)  # last 10 steps: all 6
+
+
+def test_r2_table_is_the_squared_correlation_over_every_row(tiny_sweep):
+    rows = tiny_sweep.summary["rows"]
+    for gap in ("raw", "mmd2"):
+        for metric in ("clustering.kmeans_ari", "retrieval.t2i_R@1"):
+            x = [r["metrics"][f"gap.{gap}"] for r in rows]
+            y = [r["metrics"][metric] for r in rows]
+            cell = tiny_sweep.summary["r2"][gap][metric]
+            assert cell["n"] == 6
+            assert cell["r2"] == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2, rel=1e-9), (gap, metric)
+
+
+def test_the_recommendation_is_the_largest_gap_reduction_within_the_zero_shot_bound(tiny_sweep):
+    s = tiny_sweep.summary
+    eligible = [r for r in s["rows"] if r["kind"] == "alpha" and r["zeroshot_drop"] <= 0.05]
+    best = max(eligible, key=lambda r: r["raw_gap_reduction"])  # α = 0 is always eligible: it is the reference
+    rec = s["recommendation"]
+    assert rec["name"] == best["name"] and rec["value"] == best["raw_gap_reduction"]
+    assert rec["export_command"] == f"cmalign export {tiny_sweep.out / 'runs' / best['name']} --int8"
+    assert f"recommended: alpha_target {best['alpha_target']:g}" in tiny_sweep.text
+
+
+def test_compute_seconds_count_kept_runs_too(tiny_sweep):
+    """a0 was kept (0 s in this invocation), yet the sweep's cost includes what its fit and eval took."""
+    out = tiny_sweep.out
+
+    def seconds(path):
+        return json.loads(path.read_text())["seconds"]
+
+    total = sum(seconds(out / "runs" / n / "manifest.json") + seconds(out / "evals" / n / "metrics.json")
+                for n in ("a0", "a0.5")) + seconds(out / "evals" / "base" / "metrics.json")
+    assert tiny_sweep.summary["compute_seconds"] == pytest.approx(total, abs=0.051)
+    assert seconds(out / "runs" / "a0" / "manifest.json") > 0
+
+
+def test_the_report_shows_the_rows_r2_and_recommendation_of_sweep_json(tiny_sweep):
+    s = tiny_sweep.summary
+    report = (tiny_sweep.out / "report.md").read_text()
+    assert "| run | alpha_target | gap reduction |" in report
+    for row in s["rows"]:
+        assert f"| {row['name']} | " in report
+        line = next(x for x in report.splitlines() if x.startswith(f"| {row['name']} | "))
+        assert f"{100 * row['raw_gap_reduction']:+.1f} %" in line
+    r2 = f"| {s['r2']['raw']['clustering.kmeans_ari']['r2']:.3f} |"  # R² over every row, raw gap against ARI
+    assert any(x.startswith("| raw | ") and r2 in x for x in report.splitlines())
+    assert s["recommendation"]["export_command"] in report
+    assert "0.986" in report  # the paper's figure, for comparison
+    for fig in ("pareto.png", "tradeoffs.png", "gap_vs_task.png"):
+        assert (tiny_sweep.out / fig).read_bytes()[:4] == b"\x89PNG" and f"({fig})" in report
+
+
+def test_each_run_is_an_ordinary_run_directory_that_export_takes(tiny_sweep, tmp_path):
+    r = runner.invoke(app, ["export", str(tiny_sweep.out / "runs" / "a0.5"), "--out", str(tmp_path / "exp"),
                             "--retrieval-images", "0", "-q"])
     assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "exp" / "manifest.json").read_text())["kind"] == "cmalign-export"
 
-    # other settings in the same directory are refused, with what changed
-    r, text = _invoke(["--alphas", "0", *TINY[2:], "--steps", "7", "--out", str(out)])
-    assert r.exit_code == 2 and "other settings" in text and "steps" in text
+
+def _tree(d):
+    return sorted((str(p.relative_to(d)), p.stat().st_mtime_ns) for p in d.rglob("*"))
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--steps", "7"], "steps"),
+    (["--data", "{tmp}/train.csv", "--val", "{tmp}/val.csv"], "data"),
+    (["--model", "cmalign-tiny", "--pretrained", "random"], "model"),
+    (["--seed", "1"], "seed"),
+    (["--set", "optim.lr=0.001"], "fit_overrides"),
+])
+def test_a_rerun_with_other_settings_is_refused_and_says_what_changed(tiny_sweep, tmp_path, change, named):
+    (tmp_path / "train.csv").write_text("filepath,title\n")
+    (tmp_path / "val.csv").write_text("filepath,title\n")
+    before = _tree(tiny_sweep.out)
+    args = [a.format(tmp=tmp_path) for a in change]
+    # TINY with its --steps replaced by the change's own, if it has one
+    r, text = _invoke(["--alphas", "0", *(TINY[2:] if "--steps" in args else TINY), *args,
+                       "--out", str(tiny_sweep.out)])
+    text = " ".join(text.split())
+    assert r.exit_code == 2 and "holds a sweep with other settings" in text, text
+    assert f"({named}: " in text or f", {named}: " in text, text
+    assert _tree(tiny_sweep.out) == before
 
 
 def test_sweep_refuses_bad_settings(tmp_path):
@@ -123,3 +246,22 @@ def test_overwrite_restarts_a_sweep_but_never_deletes_a_directory_that_is_not_on
     r = CliRunner().invoke(app, ["sweep", "--alphas", "0", "--steps", "2", "--out", str(photos), "--overwrite"])
     assert r.exit_code == 2 and "is not a sweep" in r.output
     assert (photos / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_overwrite_starts_a_sweep_with_other_settings_again(tiny_sweep, tmp_path):
+    out = tmp_path / "sweep"
+    shutil.copytree(tiny_sweep.out, out, ignore=shutil.ignore_patterns("*.pt"))
+    sets = TINY[2:-6]  # TINY's --set pairs; fewer steps and images than the sweep being replaced
+    r, text = _invoke(["--alphas", "0", "--no-baselines", "--steps", "2", *sets, "--max-images", "20", "--fit-images",
+                       "10", "--decoder-epochs", "1", "--overwrite", "--out", str(out)])
+    assert r.exit_code == 0, text
+    # nothing of the old sweep is left: its other runs, evals and figures are gone
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["a0"]
+    assert sorted(p.name for p in (out / "evals").iterdir()) == ["a0"]
+    assert json.loads((out / "runs" / "a0" / "manifest.json").read_text())["steps"] == 2
+    assert [json.loads(x)["step"] for x in (out / "runs" / "a0" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "evals" / "a0" / "metrics.json").read_text())["data"]["images"] == 20
+    s = json.loads((out / "sweep.json").read_text())
+    assert s["settings"]["steps"] == 2 and [row["name"] for row in s["rows"]] == ["a0"]
+    assert s["jobs"] == [{**s["jobs"][0], "name": "a0", "fit": "fitted", "eval": "evaluated"}]
+    assert json.loads((out / "sweep_config.json").read_text())["identity"]["steps"] == 2
