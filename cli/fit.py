@@ -92,8 +92,9 @@ def fit_command(
                          "block (lower the learning rate of conflicting parameter blocks, the paper's) | "
                          "project (PCGrad at the embeddings) | lr (scale the step) | alpha (scale α) | off "
                          f"{_d(_D.scheduler.mode)}", rich_help_panel="Method")] = None,
-    max_ratio: Annotated[float | None, typer.Option(help="Cap of α·|∇CMA| / |∇clip| (per block, or at the "
-                         f"embeddings) {_d(_D.scheduler.max_ratio)}", rich_help_panel="Method")] = None,
+    max_ratio: Annotated[float | None, typer.Option(help="Embedding-space modes: cap of α·|∇CMA| / |∇clip| at the "
+                         "embeddings (block: --set scheduler.block_max_ratio=) "
+                         f"{_d(_D.scheduler.max_ratio)}", rich_help_panel="Method")] = None,
     # optimisation
     steps: Annotated[int | None, typer.Option(help=f"Optimizer steps {_d(_D.train.steps)}",
                                                  rich_help_panel="Training")] = None,

@@ -82,11 +82,11 @@ def test_partial_conflict_scales_by_one_plus_cosine() -> None:
 
 
 def test_dwarfing_alignment_gradient_is_capped_by_ratio() -> None:
-    # aligned directions, but α|g_a| = 4 |g_c|: the block's learning rate scales by max_ratio / ratio
-    sched = scheduler(max_ratio=1.0, min_lr_scale=0.1)
+    # aligned directions, but α|g_a| = 4 |g_c|: the block's learning rate scales by block_max_ratio / ratio
+    sched = scheduler(block_max_ratio=1.0, min_lr_scale=0.1)
     sched.update({"first": (4.0, 1.0, 16.0), "second": (1.0, 1.0, 1.0)}, alpha=1.0)
     assert sched.scales["first"] == pytest.approx(0.25)
-    sched = scheduler(max_ratio=2.0)
+    sched = scheduler(block_max_ratio=2.0)
     sched.update({"first": (4.0, 1.0, 16.0), "second": (1.0, 1.0, 1.0)}, alpha=1.0)
     assert sched.scales["first"] == pytest.approx(0.5)
     assert sched.scales["second"] == 1.0

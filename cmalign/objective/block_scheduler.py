@@ -8,8 +8,8 @@ tensor: ``blocks = "layer" | "tensor"``):
 
 * cosine ``c_p = <g_c,p, g_a,p> / (|g_c,p| |g_a,p|)``, ratio ``r_p = α |g_a,p| / |g_c,p|``;
 * target scale ``t_p = 1``; on conflict (``c_p < −conflict_cos``) ``t_p = max(min_lr_scale, 1 + c_p)``; when the
-  alignment gradient dwarfs the contrastive one (``r_p > max_ratio``) ``t_p = min(t_p, max(min_lr_scale,
-  max_ratio / r_p))``;
+  alignment gradient dwarfs the contrastive one (``r_p > block_max_ratio``) ``t_p = min(t_p, max(min_lr_scale,
+  block_max_ratio / r_p))``;
 * the block's learning-rate scale drops to ``t_p`` at once and recovers towards it by ``recovery`` of the
   distance per measurement (an EMA), so a passing conflict does not leave a block slowed for the rest of the run.
 
@@ -102,8 +102,8 @@ class BlockScheduler:
                 target = 1.0
                 if cos[block] < -c.conflict_cos:
                     target = max(c.min_lr_scale, 1.0 + cos[block])
-                if ratio[block] > c.max_ratio:
-                    target = min(target, max(c.min_lr_scale, c.max_ratio / ratio[block]))
+                if ratio[block] > c.block_max_ratio:
+                    target = min(target, max(c.min_lr_scale, c.block_max_ratio / ratio[block]))
             old = self.scales[block]
             if target < old:
                 self.scales[block] = target
