@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from cmalign.metrics import gap
+from cmalign.metrics import gap, gap_intervals
 from cmalign.metrics.bootstrap import (
     bootstrap,
     contingency_ari,
@@ -133,7 +133,7 @@ def _indices(n: int, reps: int, seed: int, width: int | None = None) -> np.ndarr
 def test_gap_replicates_are_the_measures_of_the_resampled_pairs():
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((120, 6)) + 1.5, rng.standard_normal((120, 6))
-    fast, slow = gap.gap_bootstrap(x, y, reps=30, slow_reps=10, seed=5)
+    fast, slow = gap_intervals.gap_bootstrap(x, y, reps=30, slow_reps=10, seed=5)
     idx, idx_slow = _indices(120, 30, 5), _indices(120, 10, 5)
     for r in (0, 7, 29):
         rep = gap.gap_report(x[idx[r]], y[idx[r]])
@@ -161,7 +161,7 @@ def test_gap_replicates_are_the_measures_of_the_resampled_pairs():
         for j, name in enumerate(slow.names[1:], 1):
             assert slow.distribution[j, r] == pytest.approx(getattr(rep, name), rel=1e-6), name
     # without repeats the resampled statistic is mmd2 itself
-    mmd = gap._WeightedMMD(xs, ys, gap.DEFAULT_BANDWIDTHS)
+    mmd = gap_intervals._WeightedMMD(xs, ys, gap.DEFAULT_BANDWIDTHS)
     assert mmd(np.ones((1, 120)))[0] == pytest.approx(gap.mmd2(x, y, paired=True), rel=1e-9)
 
 

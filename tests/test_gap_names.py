@@ -6,7 +6,7 @@ import pytest
 
 from cmalign.evaluation.evaluators import GapEvaluator, definitions
 from cmalign.evaluation.runner import _comparison
-from cmalign.metrics import gap
+from cmalign.metrics import gap, gap_intervals
 
 
 def _unit(*v):
@@ -84,7 +84,7 @@ def test_gap_evaluator_reports_every_measure_side_by_side_with_reductions():
     assert set(boot["ci"]) == set(gap.EVAL_GAP_MEASURES)
     for m in gap.EVAL_GAP_MEASURES:
         lo, hi = boot["ci"][m]
-        assert lo <= hi and len(boot["_replicates"][m]) == (20 if m in gap.SLOW_BOOTSTRAP else 50)
+        assert lo <= hi and len(boot["_replicates"][m]) == (20 if m in gap_intervals.SLOW_BOOTSTRAP else 50)
 
     # reductions against the original (the reference), for every measure, with paired intervals
     other, _ = _system(0, 0.2)

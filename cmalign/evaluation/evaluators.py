@@ -15,7 +15,7 @@ import numpy as np
 from cmalign.evaluation.captioning.config import DecoderConfig
 from cmalign.evaluation.datasets import EvalData
 from cmalign.evaluation.system_embeddings import SystemEmbeddings
-from cmalign.metrics import clustering, gap, intervals, retrieval, zeroshot
+from cmalign.metrics import clustering, gap, gap_intervals, intervals, retrieval, zeroshot
 from cmalign.metrics.bootstrap import bootstrap, counts
 
 
@@ -81,9 +81,9 @@ class GapEvaluator(Evaluator):
         out = {**report, **gap.caption_gap_measures(e.image, e.text, data.eval.caption_image), **sizes}
 
         def compute():
-            fast, slow = gap.gap_bootstrap(x, y, reps=self.bootstrap, seed=self.bootstrap_seed,
+            fast, slow = gap_intervals.gap_bootstrap(x, y, reps=self.bootstrap, seed=self.bootstrap_seed,
                                            slow_reps=min(self.bootstrap_slow, self.bootstrap))
-            basic = {m: out[m] for m in gap.BASIC_INTERVAL}
+            basic = {m: out[m] for m in gap_intervals.BASIC_INTERVAL}
             if fast is not None:  # the true gaps are ≥ 0 (an unbiased MMD² estimate need not be)
                 fast = _renamed(fast, {"l2i": "l2i_first"}).basic(basic, floor=0.0)
             if slow is not None:

@@ -26,7 +26,7 @@ from cmalign.evaluation.datasets import load_eval_data
 from cmalign.evaluation.evaluators import definitions, evaluators_for, without_ci
 from cmalign.evaluation.posthoc import fit_posthoc
 from cmalign.evaluation.system_embeddings import embed_all
-from cmalign.metrics import gap
+from cmalign.metrics import gap, gap_intervals
 from cmalign.metrics.bootstrap import LEVEL, paired_interval
 
 KIND = "cmalign-eval"
@@ -126,7 +126,7 @@ def _comparison(systems: dict, reference: str, replicates: dict | None = None) -
             for m in entry["gap_reduction"]:
                 a, b = ref_reps.get("gap", {}).get(m), sys_reps.get("gap", {}).get(m)
                 if a is not None and b is not None:
-                    basic = entry["gap_reduction"][m] if m in gap.BASIC_INTERVAL else None
+                    basic = entry["gap_reduction"][m] if m in gap_intervals.BASIC_INTERVAL else None
                     ci[f"gap_reduction.{m}"] = paired_interval(a, b, lambda r, s: 1 - s / r, estimate=basic,
                                                                ceiling=1.0)
         delta = {}
@@ -150,9 +150,9 @@ def bootstrap_settings(cfg: EvalConfig) -> dict:
     slow = min(cfg.bootstrap_slow, cfg.bootstrap)
     return {
         "repetitions": cfg.bootstrap, "repetitions_slow": slow,
-        "slow": [f"gap.{m}" for m in gap.SLOW_BOOTSTRAP], "seed": cfg.seed, "level": LEVEL,
+        "slow": [f"gap.{m}" for m in gap_intervals.SLOW_BOOTSTRAP], "seed": cfg.seed, "level": LEVEL,
         "method": "percentile bootstrap (scipy.stats.bootstrap, method='percentile') over the evaluation images",
-        "basic": [f"gap.{m}" for m in gap.BASIC_INTERVAL],
+        "basic": [f"gap.{m}" for m in gap_intervals.BASIC_INTERVAL],
         "basic_why": "figures of estimated means or covariances: each resample adds the sampling noise again, so "
                      "their replicates sit above the estimate and a percentile interval can miss it; their interval "
                      "is the basic one, [2θ̂ − q97.5, 2θ̂ − q2.5], which undoes that shift to first order (so it may "
