@@ -8,6 +8,7 @@ import numpy as np
 
 from cmalign.evaluation.datasets import EvalData
 from cmalign.evaluation.posthoc import PosthocMap
+from cmalign.metrics import gap
 
 
 @dataclass
@@ -21,7 +22,7 @@ class SystemEmbeddings:
 
     def first_captions(self, data: EvalData) -> np.ndarray:
         """One caption per image (its first): the pairs the gap measures use."""
-        return self.text[np.unique(data.eval.caption_image, return_index=True)[1]]
+        return self.text[gap.first_caption_index(data.eval.caption_image)]
 
     def mapped(self, fix: PosthocMap) -> SystemEmbeddings:
         return replace(self, image=fix.image(self.image), text=fix.text(self.text),

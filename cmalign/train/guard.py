@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-import numpy as np
-
 from cmalign.data.pair_set import PairSet
 from cmalign.metrics import gap
 from cmalign.metrics.retrieval import retrieval_metrics
@@ -54,7 +52,7 @@ def guard_metrics(model, pairs: PairSet, preprocess, tokenizer, device, full: bo
     """
     emb = embed(model, pairs, preprocess, tokenizer, device, autocast=autocast)
     # Paired gaps use each image with its first caption.
-    first_caption = np.unique(pairs.caption_image, return_index=True)[1]
+    first_caption = gap.first_caption_index(pairs.caption_image)
     x, y = emb["image"], emb["text"][first_caption]
     i2t, t2i = recall_at_1(emb, pairs)
     out = {"r1_i2t": i2t, "r1_t2i": t2i, "zeroshot_top1": zero_shot_top1(emb, pairs)}
