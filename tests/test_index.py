@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from cmalign.cli.main import app
 from cmalign.corpus.embed import EmbedConfig, embed_dataset
 from cmalign.corpus.store import EmbeddingsError, load_embeddings
+from cmalign.errors import ConfigError
 from cmalign.index import IndexConfig, JointIndex, add_to_index, build_index
 from cmalign.index.choice import choose_index, parse_memory
 from cmalign.index.errors import ExportMismatchError, GpuUnavailableError, IndexBuildError
@@ -420,6 +421,32 @@ def test_mixed_modality_report_on_a_hand_checkable_case():
     txt_gap = np.array([[0.6, 0, 0.8], [0, 0.6, 0.8]], np.float32)
     r = mixed_modality_report(img, txt_gap, np.array([0, 1]), np.array([0, 1]), k=1)
     assert r["text_query_image_share@1"] == 0.0 and r["text_query_partner_rank_median"] == 2
+
+
+def test_mixed_report_counts_duplicate_captions_once_and_gives_the_modality_blind_share():
+    # image 0 is described by "a" and "b", image 1 by "a" (the same string) and "c"
+    img = np.array([[1, 0, 0], [0, 1, 0]], np.float32)
+    a = np.array([0.7, 0.7, 0.14], np.float32)
+    txt = np.stack([a, [0.8, 0, 0.6], a, [0, 0.8, 0.6]]).astype(np.float32)
+    owner = np.array([0, 0, 1, 1])
+    plain = mixed_modality_report(img, txt, np.arange(2), owner, k=1)
+    # the twin decides: "a" (row 0) finds its copy (row 2) first, so its own image ranks behind it
+    assert plain["duplicate_texts_merged"] == 0 and plain["texts"] == 4
+    assert plain["text_query_partner_rank_mean"] > 1
+    merged, per_query = mixed_modality_report(img, txt, np.arange(2), owner, k=1, per_query=True,
+                                              captions=["a", "b", "a", "c"])
+    assert merged["duplicate_texts_merged"] == 1 and merged["texts"] == 3
+    assert per_query["text_image"].tolist() == [0, 0, 1]
+    # one "a" whose partners are both images: its nearest item is one of them
+    assert per_query["text_rank"][0] == 1
+    # blind shares: "a" has 2 images and 2 sibling captions (b, c) -> 1/2; b and c 1 image, 1 sibling -> 1/2;
+    # each image has 2 captions and 1 other image sharing "a" -> 2/3
+    assert merged["text_query_image_share_blind"] == pytest.approx(0.5)
+    assert merged["image_query_text_share_blind"] == pytest.approx(2 / 3)
+    # without the strings each image's relevant items are its 2 captions only
+    assert plain["image_query_text_share_blind"] == 1.0 and plain["text_query_image_share_blind"] == 0.5
+    with pytest.raises(ConfigError, match="2 caption strings for 4"):
+        mixed_modality_report(img, txt, np.arange(2), owner, captions=["a", "b"])
 
 
 def _write_embeddings(out: Path, image: np.ndarray, text: np.ndarray, text_pair: np.ndarray,

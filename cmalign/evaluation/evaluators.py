@@ -128,9 +128,16 @@ class MixedModalityEvaluator(Evaluator):
         "image_query_text_share@k": "image queries: share of captions in the top k",
         "image_query_partner_hit@k": "share of image queries with one of their captions in the top k",
         "image_query_partner_rank_median": "median rank of an image query's best caption among all items",
+        "text_query_image_share_blind": "what text_query_image_share would be under a modality-blind ranking: the "
+                                        "share of images among a text's relevant items (its images and their other "
+                                        "captions)",
+        "image_query_text_share_blind": "the same for image queries: the share of captions among an image's "
+                                        "relevant items (its captions and the other images they describe)",
+        "duplicate_texts_merged": "captions whose string repeats another's, counted once (their partners merged): "
+                                  "a duplicate scores 1.0 against its twin and would decide a text query's top k",
     }
 
-    no_ci = {"k": SIZE, "images": SIZE, "texts": SIZE}
+    no_ci = {"k": SIZE, "images": SIZE, "texts": SIZE, "duplicate_texts_merged": SIZE}
 
     def __post_init__(self):
         self.primary_metric = f"text_query_image_share@{self.k}"
@@ -141,10 +148,10 @@ class MixedModalityEvaluator(Evaluator):
         # Exact search: on an evaluation set the index library's auto choice is Flat (exact) anyway, and the task
         # measures the embedding space, not an approximate index's recall (that is benchmarks/index_benchmark.py).
         out, per_query = mixed_modality_report(e.image, e.text, np.arange(len(e.image)), data.eval.caption_image,
-                                               k=self.k, per_query=True)
-        out["search"] = "exact (inner product over all images and captions)"
+                                               k=self.k, per_query=True, captions=data.eval.captions)
+        out["search"] = "exact (inner product over all images and distinct captions)"
         return self._with_intervals(out, lambda: [intervals.mixed_intervals(
-            per_query, data.eval.caption_image, self.k, self.bootstrap, self.bootstrap_seed)])
+            per_query, per_query["text_image"], self.k, self.bootstrap, self.bootstrap_seed)])
 
 
 @dataclass

@@ -60,17 +60,21 @@ def retrieval_intervals(per_query: dict, caption_image, reps: int = DEFAULT_REPS
 def mixed_intervals(per_query: dict, caption_image, k: int, reps: int = DEFAULT_REPS, seed: int = 0,
                     level: float = LEVEL) -> Bootstrap | None:
     """Mixed-modality figures over resampled image queries and the caption queries of those images; the joint
-    index they search is held fixed."""
+    index they search is held fixed. ``caption_image``: each text query's image (``per_query["text_image"]``
+    after deduplication, where a merged caption goes with the first image it describes)."""
     owner = np.asarray(caption_image, np.int64)
     n = len(per_query["image_rank"])
     t_rank = np.asarray(per_query["text_rank"], np.float64)
     i_rank = np.asarray(per_query["image_rank"], np.float64)
+    t_blind = per_query.get("text_blind", np.zeros_like(t_rank))
+    i_blind = per_query.get("image_blind", np.zeros_like(i_rank))
     t_sums = group_totals(np.stack([per_query["text_other"], per_query["text_valid"], t_rank <= k, t_rank,
-                                    np.ones_like(t_rank)], axis=1), owner, n)
-    i_items = np.stack([per_query["image_other"], per_query["image_valid"], i_rank <= k, i_rank], axis=1)
+                                    np.ones_like(t_rank), t_blind], axis=1), owner, n)
+    i_items = np.stack([per_query["image_other"], per_query["image_valid"], i_rank <= k, i_rank, i_blind], axis=1)
     names = (f"text_query_image_share@{k}", f"text_query_partner_hit@{k}", "text_query_partner_rank_median",
              "text_query_partner_rank_mean", f"image_query_text_share@{k}", f"image_query_partner_hit@{k}",
-             "image_query_partner_rank_median", "image_query_partner_rank_mean")
+             "image_query_partner_rank_median", "image_query_partner_rank_mean", "text_query_image_share_blind",
+             "image_query_text_share_blind")
 
     def stat(idx):
         w = counts(idx, n)
@@ -78,7 +82,7 @@ def mixed_intervals(per_query: dict, caption_image, k: int, reps: int = DEFAULT_
         i = w @ i_items
         return np.stack([t[:, 0] / np.maximum(t[:, 1], 1), t[:, 2] / t[:, 4], weighted_median(t_rank, w[:, owner]),
                          t[:, 3] / t[:, 4], i[:, 0] / np.maximum(i[:, 1], 1), i[:, 2] / n,
-                         np.median(i_rank[idx], axis=1), i[:, 3] / n])
+                         np.median(i_rank[idx], axis=1), i[:, 3] / n, t[:, 5] / t[:, 4], i[:, 4] / n])
 
     return bootstrap(n, stat, names, reps, seed, level, width=len(owner))
 
