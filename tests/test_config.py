@@ -214,7 +214,8 @@ def test_hash_ignores_run_time_knobs() -> None:
 
 @pytest.mark.parametrize("key, value", [("alpha_target", "0.7"), ("train.steps", "401"), ("train.seed", "1"),
                                         ("loss.distribution", "coral"), ("optim.lr", "1e-4"),
-                                        ("curriculum.ramp", "cosine"), ("loss.mmd_bandwidths", "1,2")])
+                                        ("curriculum.ramp", "cosine"), ("loss.mmd_bandwidths", "1,2"),
+                                        ("loss.lambda_paired", "0.5")])
 def test_hash_changes_with_what_is_trained(key: str, value: str) -> None:
     assert load_config(None, {key: value}).hash() != FitConfig().resolve_defaults().hash()
 
@@ -238,6 +239,9 @@ def test_config_written_before_the_relayout_loads_with_its_hash_and_keys(name: s
     added = {k: v for k, v in new["scheduler"].items() if k not in old["scheduler"]}
     assert set(added) == set(BLOCK_ONLY_SETTINGS)
     assert {k: v for k, v in new["scheduler"].items() if k not in added} == old["scheduler"]
+    # and the paired term's weight, 0 (off), which leaves the identity as it was
+    assert {k for k in new["loss"] if k not in old["loss"]} == {"lambda_paired"} and new["loss"]["lambda_paired"] == 0
+    new["loss"].pop("lambda_paired")
     assert {k: v for k, v in new.items() if k != "scheduler"} == {k: v for k, v in old.items() if k != "scheduler"}
 
 

@@ -257,6 +257,28 @@ def test_centroid_gradient_pulls_the_means_together() -> None:
     assert torch.allclose(y.grad, (-2 * diff / n).expand_as(y), atol=1e-6)
 
 
+def test_paired_term_is_the_centred_pairs_squared_distance_and_closes_the_raw_gap() -> None:
+    x, y, scale = features(seed=4)
+    off = CMALoss(CMAConfig(scale_by_logit_scale=False))(x, y, scale)
+    assert "paired2" not in off  # off by default: the paper has no such term
+    cfg = CMAConfig(lambda_paired=0.5, scale_by_logit_scale=False)
+    out = CMALoss(cfg)(x, y, scale)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    assert out["paired2"].item() == pytest.approx(float(((xc - yc) ** 2).sum(1).mean()), rel=1e-6)
+    assert out["cma"].item() == pytest.approx(off["cma"].item() + 0.5 * out["paired2"].item(), rel=1e-6)
+    # with the centroid term it is the raw gap: G_R² = G_C² + G_P²
+    raw2 = float(((x - y) ** 2).sum(1).mean())
+    assert out["centroid2"].item() + out["paired2"].item() == pytest.approx(raw2, rel=1e-5)
+    # a gradient step on it alone brings every pair's centred points closer
+    x2, y2 = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    CMALoss(CMAConfig(lambda_centroid=0.0, lambda_distribution=0.0, lambda_paired=1.0,
+                      scale_by_logit_scale=False))(x2, y2, scale)["cma"].backward()
+    xs, ys = x - 0.1 * x2.grad, y - 0.1 * y2.grad
+    before = ((xc - yc) ** 2).sum(1)
+    after = (((xs - xs.mean(0)) - (ys - ys.mean(0))) ** 2).sum(1)
+    assert (after < before).all()
+
+
 def test_invalid_distribution_name_raises() -> None:
     with pytest.raises(ValueError, match="distribution"):
         CMAConfig(distribution="kl")

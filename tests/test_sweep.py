@@ -120,6 +120,12 @@ def test_each_row_holds_its_own_eval_figures(tiny_sweep):
         for task, key in (("gap", "raw"), ("gap", "mmd2"), ("clustering", "kmeans_ari"), ("caption", "cider_d"),
                           ("zeroshot", "top1"), ("retrieval", "i2t_R@1")):
             assert row["metrics"][f"{task}.{key}"] == system[task][key], (row["name"], task, key)
+        # and its 95 % intervals, each holding the figure
+        lo, hi = row["ci"]["retrieval.i2t_R@1"]
+        assert lo <= row["metrics"]["retrieval.i2t_R@1"] <= hi and hi > lo, row["name"]
+    # R² over the α runs alone and over every row, each with its n
+    pops = tiny_sweep.summary["r2_by_population"]
+    assert pops["alpha_runs"]["rows"] == 2 and pops["all"]["rows"] == len(tiny_sweep.summary["rows"])
 
 
 def test_changes_are_measured_against_the_alpha_0_run(tiny_sweep):

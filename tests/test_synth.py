@@ -12,7 +12,7 @@ import pytest
 
 from cmalign.data.readers import read_dataset
 from cmalign.data.records import Record
-from cmalign.data.synth import CAPTIONS_PER_IMAGE, SHAPES, synth_split, write_synth
+from cmalign.data.synth import CAPTIONS_PER_IMAGE, CLASS_TEMPLATES, CLASSES, COLOURS, SHAPES, synth_split, write_synth
 
 
 def pixels(rec: Record) -> np.ndarray:
@@ -65,8 +65,11 @@ def test_captions_per_image_share_key_and_label_and_are_distinct_phrasings() -> 
         assert len({r.source for r in group}) == CAPTIONS_PER_IMAGE
         assert all(r.image is group[0].image or r.image == group[0].image for r in group)
         label = group[0].label
-        assert label in SHAPES
-        assert all(label in r.caption for r in group)  # the class is part of every caption
+        colour, shape = label.split(" ")
+        assert colour in COLOURS and shape in SHAPES
+        # the class is part of every caption: its colour and its shape (singular or plural) as words
+        assert all(re.search(rf"\b{colour}\b", r.caption) and re.search(rf"\b{shape}(e?s)?\b", r.caption)
+                   for r in group)
 
 
 def test_captions_per_image_parameter() -> None:
@@ -75,10 +78,18 @@ def test_captions_per_image_parameter() -> None:
     assert Counter(r.key for r in recs) == Counter({k: 2 for k in {r.key for r in recs}})
 
 
-def test_labels_cover_several_shapes() -> None:
-    labels = {r.label for r in synth_split("train", seed=0, n_images=80).records}
-    assert labels <= set(SHAPES)
-    assert len(labels) >= 5
+def test_labels_are_the_64_colour_shape_classes() -> None:
+    assert len(CLASSES) == 64 == len(set(CLASSES))
+    labels = {r.label for r in synth_split("val", seed=0).records}
+    assert labels == set(CLASSES)  # every class occurs in the 1000 validation images
+
+
+def test_captions_and_class_prompts_read_as_english() -> None:
+    caps = [r.caption for r in synth_split("train", seed=0, n_images=600).records]
+    assert not [c for c in caps if "crosss" in c or "sss" in c]
+    assert any("crosses" in c for c in caps) and any("circles" in c for c in caps)
+    prompts = [t.format(c) for t in CLASS_TEMPLATES for c in CLASSES]
+    assert not [p for p in prompts if re.search(r"\b[Aa] [aeiouAEIOU]", p)]
 
 
 def test_articles_agree_with_the_next_word() -> None:
@@ -113,4 +124,4 @@ def test_write_synth_csvs_are_readable(tmp_path: Path) -> None:
             assert np.array_equal(np.asarray(im.convert("RGB")), pixels(expected[0]))
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["seed"] == 2 and manifest["splits"] == sizes
-    assert manifest["classes"] == list(SHAPES)
+    assert manifest["classes"] == list(CLASSES)

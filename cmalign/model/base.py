@@ -31,7 +31,8 @@ from cmalign.errors import ConfigError
 
 BASE_TAG = "cmalign-base"
 RECIPE = {
-    "version": 1,
+    # 2: English plurals ("crosses", was "crosss"), a colour in every caption (the class is colour + shape)
+    "version": 2,
     "model": "cmalign-tiny",
     "steps": 500,
     "batch_size": 128,

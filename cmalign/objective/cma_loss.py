@@ -116,7 +116,12 @@ class CMALoss(torch.nn.Module):
         else:
             distribution = bures2(xc, yc)
         cma = self.cfg.lambda_centroid * centroid + self.cfg.lambda_distribution * distribution
-        return {"centroid2": centroid, "distribution": distribution, "cma": cma}
+        out = {"centroid2": centroid, "distribution": distribution}
+        if self.cfg.lambda_paired:
+            out["paired2"] = ((xc - yc) ** 2).sum(1).mean()
+            cma = cma + self.cfg.lambda_paired * out["paired2"]
+        out["cma"] = cma
+        return out
 
     def forward(self, image_features, text_features, logit_scale, alpha: float = 0.0) -> dict[str, torch.Tensor]:
         out = {"clip": self.clip(image_features, text_features, logit_scale)}

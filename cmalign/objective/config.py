@@ -28,6 +28,10 @@ class CMAConfig:
     # the distribution term gets the larger weight; with 1.0 it barely moved (README, "Measured").
     lambda_distribution: float = 10.0
     distribution: str = "mmd"  # mmd | coral | bures
+    # Paired residual G_P² = mean ||x̃_i − ỹ_i||² (the centred pairs' distance; G_R² = G_C² + G_P²). Not in the paper:
+    # once the centroid and distribution terms are at their floor, the residual is what is left of the raw gap, and
+    # only this term reaches it. 0 (off) leaves it out of a run's identity.
+    lambda_paired: float = 0.0
     mmd_bandwidths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     # Measure the CMA term in logit units (× the detached logit scale, 100 for a trained CLIP), as
     # the contrastive logits are: otherwise its gradients are ~100× weaker than InfoNCE's and α
@@ -38,7 +42,7 @@ class CMAConfig:
         if self.distribution not in DISTRIBUTION_TERMS:
             raise ConfigError(f"distribution term must be one of {', '.join(DISTRIBUTION_TERMS)}, "
                              f"got '{self.distribution}'")
-        for name in ("lambda_centroid", "lambda_distribution"):
+        for name in ("lambda_centroid", "lambda_distribution", "lambda_paired"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"loss.{name} must be a finite number >= 0, got {value}")

@@ -28,7 +28,7 @@ from cmalign.artifacts.atomic import write_json
 from cmalign.artifacts.outputs import refuse_inputs
 from cmalign.artifacts.sources import run_finished
 from cmalign.errors import CmalignError
-from cmalign.sweep.analysis import flatten, r2_table, recommend
+from cmalign.sweep.analysis import flatten, r2_by_population, r2_table, recommend, row_intervals
 from cmalign.sweep.config import SweepConfig
 
 KIND = "cmalign-sweep"
@@ -295,14 +295,17 @@ def summarise(cfg: SweepConfig, specs: list[RunSpec], out: Path, done: list[dict
             row["error"] = errors[spec.name]
         elif (eval_dir / "metrics.json").is_file():
             row["metrics"] = flatten(_rows_of_eval(eval_dir)["model"])
+            row["ci"] = row_intervals(row)
         row["seconds"] = _seconds(run_dir / "manifest.json") + _seconds(eval_dir / "metrics.json")
         rows.append(row)
     base_seconds = _seconds(out / "evals" / "base" / "metrics.json")
     if cfg.baselines and (out / "evals" / "base" / "metrics.json").is_file():
         for name, system in _rows_of_eval(out / "evals" / "base").items():
             label = "base" if name == "model" else name.replace("model+", "base+")
-            rows.append({"name": label, "kind": "base" if name == "model" else "posthoc", "alpha_target": None,
-                         "eval_dir": str(out / "evals" / "base"), "metrics": flatten(system)})
+            row = {"name": label, "kind": "base" if name == "model" else "posthoc", "alpha_target": None,
+                   "eval_dir": str(out / "evals" / "base"), "metrics": flatten(system)}
+            row["ci"] = row_intervals(row)
+            rows.append(row)
     measured = [r for r in rows if "metrics" in r]
     reference = next((r for r in measured if r["kind"] == "alpha" and r["alpha_target"] == 0), None) or \
         next((r for r in measured if r["kind"] == "base"), None)
@@ -315,6 +318,8 @@ def summarise(cfg: SweepConfig, specs: list[RunSpec], out: Path, done: list[dict
         "kind": KIND, "cmalign_version": cmalign.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": asdict(cfg), "reference": reference["name"] if reference else None,
         "rows": rows, "r2": r2_table(measured), "recommendation": rec,
+        # the α runs alone and runs + base + post-hoc fixes: the two populations can disagree (docs/method.md)
+        "r2_by_population": r2_by_population(measured),
         # what the whole sweep cost, from the artifacts' own timings (so a resumed sweep still counts it all)
         "compute_seconds": round(sum(r.get("seconds", 0.0) for r in rows) + base_seconds, 1),
         "jobs": done,

@@ -149,6 +149,8 @@ class FitConfig:
         if d["scheduler"]["mode"] != "block":
             for k in BLOCK_ONLY_SETTINGS:
                 d["scheduler"].pop(k, None)
+        if not d["loss"].get("lambda_paired"):
+            d["loss"].pop("lambda_paired", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
