@@ -81,6 +81,10 @@ def fit_command(
                                f"{_d(_D.loss.lambda_centroid)}", rich_help_panel="Method")] = None,
     lambda_distribution: Annotated[float | None, typer.Option(help="Weight λ_d of the distribution term "
                                    f"{_d(_D.loss.lambda_distribution)}", rich_help_panel="Method")] = None,
+    lambda_paired: Annotated[float | None, typer.Option(help="Weight λ_p of the paired residual (centred pairs' "
+                             "squared distance; not in the paper, it closes what the centroid and distribution "
+                             f"terms cannot reach; 0 = the paper's loss) {_d(_D.loss.lambda_paired)}",
+                             rich_help_panel="Method")] = None,
     warmup_fraction: Annotated[float | None, typer.Option(help="Phase 1 (α=0) as a fraction of the steps "
                                f"{_d(_D.curriculum.warmup_fraction)}", rich_help_panel="Method")] = None,
     intro_fraction: Annotated[float | None, typer.Option(help="Phase 2 (α ramps to intro ratio × α_target) as "
@@ -145,7 +149,8 @@ def fit_command(
         "model.name": model, "model.pretrained": pretrained, "model.trainable": trainable,
         "model.grad_checkpointing": grad_checkpointing,
         "alpha_target": alpha_target, "loss.distribution": distribution, "loss.lambda_centroid": lambda_centroid,
-        "loss.lambda_distribution": lambda_distribution, "curriculum.warmup_fraction": warmup_fraction,
+        "loss.lambda_distribution": lambda_distribution, "loss.lambda_paired": lambda_paired,
+        "curriculum.warmup_fraction": warmup_fraction,
         "curriculum.intro_fraction": intro_fraction, "curriculum.ramp": ramp, "scheduler.mode": scheduler,
         "scheduler.max_ratio": max_ratio, "train.steps": steps, "train.batch_size": batch_size,
         "optim.accum_steps": accum_steps, "optim.lr": lr, "optim.weight_decay": weight_decay,

@@ -239,7 +239,8 @@ def test_config_written_before_the_relayout_loads_with_its_hash_and_keys(name: s
     added = {k: v for k, v in new["scheduler"].items() if k not in old["scheduler"]}
     assert set(added) == set(BLOCK_ONLY_SETTINGS)
     assert {k: v for k, v in new["scheduler"].items() if k not in added} == old["scheduler"]
-    # and the paired term's weight, 0 (off), which leaves the identity as it was
+    # and the paired term's weight: 0 (off) for a file written before the term existed, which leaves the identity
+    # as it was, though the default is now 3
     assert {k for k in new["loss"] if k not in old["loss"]} == {"lambda_paired"} and new["loss"]["lambda_paired"] == 0
     new["loss"].pop("lambda_paired")
     assert {k: v for k, v in new.items() if k != "scheduler"} == {k: v for k, v in old.items() if k != "scheduler"}
@@ -251,7 +252,24 @@ def test_defaults_with_the_earlier_scheduler_hash_as_before_the_relayout() -> No
     cfg = FitConfig().resolve_defaults()
     assert cfg.hash() != PRE_MOVE_HASHES["default"]
     cfg.scheduler.mode = "project"
+    assert cfg.hash() != PRE_MOVE_HASHES["default"]  # the paired term became the default too
+    cfg.loss.lambda_paired = 0.0
     assert cfg.hash() == PRE_MOVE_HASHES["default"]
+
+
+def test_a_partial_loss_table_gets_the_paired_terms_default_and_a_complete_old_one_zero(tmp_path) -> None:
+    partial = tmp_path / "partial.toml"
+    partial.write_text("[loss]\nlambda_distribution = 5.0\n")
+    assert load_config(partial).loss.lambda_paired == 3.0
+    # written whole by an earlier cmalign (scale_by_logit_scale is always written): the term did not exist
+    old = tmp_path / "old.toml"
+    old.write_text("[loss]\nlambda_distribution = 5.0\nscale_by_logit_scale = true\n")
+    assert load_config(old).loss.lambda_paired == 0.0
+    # and a whole file of this version keeps what it says
+    cfg = load_config(old, {"loss.lambda_paired": "1.5"})
+    now = tmp_path / "now.toml"
+    now.write_text(to_toml(cfg))
+    assert load_config(now).loss.lambda_paired == 1.5
 
 
 def test_block_only_settings_are_part_of_the_identity_only_in_block_mode() -> None:
@@ -270,7 +288,8 @@ def test_sweep_runs_keep_the_identity_they_had_before_the_relayout() -> None:
     from cmalign.sweep.config import SweepConfig
     from cmalign.sweep.run import RunSpec, fit_config
 
-    cfg = fit_config(SweepConfig(steps=50, fit_overrides={"optim.lr": "1e-3", "scheduler.mode": "project"}),
+    cfg = fit_config(SweepConfig(steps=50, fit_overrides={"optim.lr": "1e-3", "scheduler.mode": "project",
+                                                          "loss.lambda_paired": "0"}),
                      RunSpec("a0.5", 0.5, {}, "alpha"), Path("sweeps/default/runs/a0.5"))
     assert cfg.hash() == PRE_MOVE_HASHES["sweep_a0.5"]
 

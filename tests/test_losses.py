@@ -182,7 +182,7 @@ def features(n: int = 16, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torc
 @pytest.mark.parametrize("dist", ["mmd", "coral", "bures"])
 def test_cma_loss_parts(dist: str) -> None:
     x, y, scale = features()
-    cfg = CMAConfig(lambda_centroid=0.7, lambda_distribution=2.0, distribution=dist)
+    cfg = CMAConfig(lambda_centroid=0.7, lambda_distribution=2.0, lambda_paired=0.0, distribution=dist)
     out = CMALoss(cfg)(x, y, scale, alpha=0.3)
     assert set(out) == {"clip", "centroid2", "distribution", "cma", "total"}
     assert out["centroid2"].item() == pytest.approx(float(((x.mean(0) - y.mean(0)) ** 2).sum()), rel=1e-6)
@@ -192,7 +192,7 @@ def test_cma_loss_parts(dist: str) -> None:
     # in logit units: the bracket times the (detached) logit scale, as the contrastive logits are
     bracket = 0.7 * out["centroid2"].item() + 2.0 * out["distribution"].item()
     assert out["cma"].item() == pytest.approx(float(scale) * bracket, rel=1e-5)
-    unscaled = CMALoss(CMAConfig(lambda_centroid=0.7, lambda_distribution=2.0, distribution=dist,
+    unscaled = CMALoss(CMAConfig(lambda_centroid=0.7, lambda_distribution=2.0, lambda_paired=0.0, distribution=dist,
                                  scale_by_logit_scale=False))(x, y, scale, alpha=0.3)
     assert unscaled["cma"].item() == pytest.approx(bracket, rel=1e-5)
     assert out["total"].item() == pytest.approx(out["clip"].item() + 0.3 * out["cma"].item(), rel=1e-6)
@@ -249,7 +249,7 @@ def test_centroid_gradient_pulls_the_means_together() -> None:
     x, y, scale = features()
     x.requires_grad_(True)
     y.requires_grad_(True)
-    out = CMALoss(CMAConfig(lambda_distribution=0.0, scale_by_logit_scale=False))(x, y, scale)
+    out = CMALoss(CMAConfig(lambda_distribution=0.0, lambda_paired=0.0, scale_by_logit_scale=False))(x, y, scale)
     out["cma"].backward()
     n = x.shape[0]
     diff = (x.mean(0) - y.mean(0)).detach()
@@ -259,8 +259,8 @@ def test_centroid_gradient_pulls_the_means_together() -> None:
 
 def test_paired_term_is_the_centred_pairs_squared_distance_and_closes_the_raw_gap() -> None:
     x, y, scale = features(seed=4)
-    off = CMALoss(CMAConfig(scale_by_logit_scale=False))(x, y, scale)
-    assert "paired2" not in off  # off by default: the paper has no such term
+    off = CMALoss(CMAConfig(lambda_paired=0.0, scale_by_logit_scale=False))(x, y, scale)
+    assert "paired2" not in off  # at 0, the paper's loss
     cfg = CMAConfig(lambda_paired=0.5, scale_by_logit_scale=False)
     out = CMALoss(cfg)(x, y, scale)
     xc, yc = x - x.mean(0), y - y.mean(0)

@@ -26,6 +26,7 @@ from cmalign.errors import ConfigError, MissingInputError
 from cmalign.objective.config import (  # noqa: F401
     BLOCK_ONLY_SETTINGS,
     DISTRIBUTION_TERMS,
+    LEGACY_DEFAULTS,
     MODES,
     CMAConfig,
     GradSchedulerConfig,
@@ -260,6 +261,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from e
+        for section, (always_written, added) in LEGACY_DEFAULTS.items():
+            table = data.get(section)
+            if isinstance(table, dict) and always_written in table:
+                data[section] = {**added, **table}
         try:
             apply_overrides(cfg, _flatten(data))
         except (KeyError, ValueError) as e:
