@@ -16,8 +16,10 @@ from cmalign.errors import CmalignError, MissingDependencyError
 DEBUG = False  # set by the root `--debug` option
 # Dependencies of the training and evaluation commands that a production (runtime-only) environment may lack:
 # missing one is an install problem the user fixes, not a bug in cmalign.
-OPTIONAL_STACK = {"torch", "torchvision", "open_clip", "sklearn", "hdbscan", "matplotlib", "pycocoevalcap", "onnx",
-                  "onnxscript", "faiss", "onnxruntime"}
+RUNTIME_STACK = {"faiss", "onnxruntime"}  # the cpu or gpu extra
+TRAIN_STACK = {"torch", "torchvision", "open_clip", "sklearn", "hdbscan", "matplotlib", "pycocoevalcap", "onnx",
+               "onnxscript", "scipy", "safetensors"}  # the train extra
+OPTIONAL_STACK = RUNTIME_STACK | TRAIN_STACK
 
 
 def fail(e: Exception):
@@ -43,8 +45,16 @@ def reports_errors(command):
         except ModuleNotFoundError as e:
             if DEBUG or (e.name or "").split(".")[0] not in OPTIONAL_STACK:
                 raise
-            fail(MissingDependencyError(
-                f"this command needs the Python package '{e.name}', which is not installed here; install cmalign "
-                "with everything (see the README's Install section: pip install -e '.[cpu]' or '.[gpu]')"))
+            fail(MissingDependencyError(missing_package_message(e.name)))
 
     return run
+
+
+def missing_package_message(name: str) -> str:
+    """Which extra brings a missing package: the runtime (cpu / gpu) or training (train)."""
+    if name.split(".")[0] in RUNTIME_STACK:
+        return (f"this command needs the Python package '{name}', which is not installed here; install a runtime "
+                "extra: pip install 'cmalign[cpu]' (or 'cmalign[gpu]' on a CUDA machine; never both)")
+    return (f"this command needs the Python package '{name}', which is not installed here (a runtime-only install "
+            "has embed, index, index-add, search and serve); install the training extra: "
+            "pip install 'cmalign[train,cpu]' (gpu for cpu on a CUDA machine)")

@@ -21,6 +21,7 @@ from cmalign.cli import export as export_cmd
 from cmalign.cli import fit as fit_cmd
 from cmalign.cli import index as index_cmd
 from cmalign.cli import search as search_cmd
+from cmalign.cli import serve as serve_cmd
 from cmalign.cli import sweep as sweep_cmd
 from cmalign.cli.errors import reports_errors
 
@@ -28,9 +29,10 @@ app = typer.Typer(
     name="cmalign",
     help="Close the modality gap of CLIP-style models. The pipeline, in order: fine-tune with TPC-CMA (fit), "
          "export ONNX encoders (export), embed a corpus (embed, embed-merge), build and extend a joint image+text "
-         "FAISS index (index, index-add), query it (search); measure what alignment bought (eval) and choose "
+         "FAISS index (index, index-add), query it (search) or serve it over HTTP with a web page (serve); "
+         "measure what alignment bought (eval) and choose "
          "alpha_target (sweep). `data synth` writes the generated default data set. Only the command you run "
-         "loads its dependencies: embed, index and search need no torch. "
+         "loads its dependencies: embed, index, search and serve need no torch. "
          "Run `cmalign COMMAND --help` for each command's options.",
     no_args_is_help=True,
     add_completion=False,
@@ -46,6 +48,7 @@ for name, command, help_text in [
     ("index", index_cmd.index_command, index_cmd.HELP),
     ("index-add", index_cmd.add_command, index_cmd.ADD_HELP),
     ("search", search_cmd.search_command, search_cmd.HELP),
+    ("serve", serve_cmd.serve_command, serve_cmd.HELP),
     ("eval", eval_cmd.eval_command, eval_cmd.HELP),
     ("sweep", sweep_cmd.sweep_command, sweep_cmd.HELP),
 ]:

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install cmalign with the CPU extras and the dev tools.
+# Create .venv (if missing) and install cmalign with everything: training (torch), the CPU runtime and the dev tools.
 # Idempotent: a second run only re-checks the install. Override the interpreter with PYTHON=...,
-# the extras with CMALIGN_EXTRAS=gpu,dev (never cpu and gpu together).
+# the extras with CMALIGN_EXTRAS=train,gpu,dev (never cpu and gpu together).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${CMALIGN_EXTRAS:-cpu,dev}"
+EXTRAS="${CMALIGN_EXTRAS:-train,cpu,dev}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

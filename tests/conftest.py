@@ -57,3 +57,20 @@ def tiny_export(base_model_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("exports") / "tiny"
     return export_model(ExportConfig(source=str(base_model_dir), out=str(out), fp16=True, int8=True))
+
+
+@pytest.fixture(scope="session")
+def aligned_index(request, tmp_path_factory):
+    """The α = 0.5 run exported, the generated validation split (1000 images, 5000 captions) embedded with it and
+    indexed: what `cmalign serve` serves in the README. {"export", "emb", "index"} paths."""
+
+    from cmalign.corpus.embed import EmbedConfig, embed_dataset
+    from cmalign.export.onnx_export import ExportConfig, export_model
+    from cmalign.index import IndexConfig, build_index
+    root = tmp_path_factory.mktemp("served")
+    alignment_runs = request.getfixturevalue("alignment_runs")
+    export = export_model(ExportConfig(source=str(alignment_runs[0.5].run_dir), out=str(root / "export"),
+                                       int8=True, retrieval_images=0))
+    embed_dataset(EmbedConfig(export=str(export.out), data="generated:val", out=str(root / "emb")))
+    build_index(IndexConfig(embeddings=str(root / "emb"), out=str(root / "val")))
+    return {"export": export.out, "emb": root / "emb", "index": root / "val"}

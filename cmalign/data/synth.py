@@ -183,6 +183,16 @@ def make_scene(seed: int, split: str, index: int) -> Scene:
     )
 
 
+def image_for_key(key: str) -> Image.Image:
+    """The image of a generated record from its key (``synth/SEED/SPLIT/INDEX``), rendered again: what an index
+    of the generated set records as its image path."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] != "synth" or not parts[1].isdigit() or parts[2] not in SPLITS \
+            or not parts[3].isdigit():
+        raise KeyError(f"not a generated image key: {key!r}")
+    return make_scene(int(parts[1]), parts[2], int(parts[3])).load()
+
+
 def captions_for(scene: Scene, n: int, rng: random.Random) -> list[str]:
     """``n`` different phrasings of one scene (distinct templates while they last)."""
     templates = list(_SINGLE_TEMPLATES if scene.count == 1 else _MULTI_TEMPLATES)

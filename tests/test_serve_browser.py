@@ -1,0 +1,122 @@
+"""The web page in a real browser: Debian's headless Chromium driven by Selenium (its chromedriver; nothing is
+downloaded), against `cmalign serve` on 127.0.0.1 over the aligned index. Types a query, sees results of both
+modalities, follows a result ("more like this"), shares the URL, uploads an image, and saves screenshots."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers.server import Server
+
+from cmalign.data.synth import image_for_key
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("CMALIGN_SKIP_BROWSER") == "1",
+    reason="CMALIGN_SKIP_BROWSER=1 (CI installs chromium; see .ci/run)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.fail("the browser test needs Debian's chromium and chromium-driver packages (.ci/run installs them: "
+                    "apt-get install chromium chromium-driver); set CMALIGN_SKIP_BROWSER=1 to skip it knowingly")
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not fetch a browser or driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def page_server(aligned_index):
+    s = Server(str(aligned_index["index"]), "-q")
+    yield s
+    s.stop()
+
+
+def _results(driver, timeout=30):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout).until(ec.text_to_be_present_in_element((By.ID, "status"), "results"))
+    return driver.find_elements(By.CSS_SELECTOR, "#results .hit")
+
+
+def test_search_page_in_headless_chromium(browser, page_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(page_server.url + "/")
+    assert browser.title == "cmalign search"
+    # a text query over images and texts: the aligned index returns both (the 120-step test model ranks the first
+    # images near 200, behind captions; the 300-step default near 10; an unaligned index behind all 5000 captions)
+    k = browser.find_element(By.ID, "k")
+    k.clear()
+    k.send_keys("300")
+    box = browser.find_element(By.ID, "q")
+    box.send_keys("a large red circle", Keys.ENTER)
+    hits = _results(browser)
+    assert len(hits) == 300
+    kinds = {h.get_attribute("class").split()[1] for h in hits}
+    assert kinds == {"image", "text"}, kinds
+    badges = {b.text.lower() for b in browser.find_elements(By.CSS_SELECTOR, "#results .badge")}
+    assert badges == {"image", "text"}
+    image_card = next(h for h in hits if "image" in h.get_attribute("class"))
+    img = image_card.find_element(By.TAG_NAME, "img")
+    browser.execute_script("arguments[0].scrollIntoView()", img)  # thumbnails load lazily, when in view
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return arguments[0].complete && "
+                                                                "arguments[0].naturalWidth", img) == 256)
+    browser.save_screenshot(str(tmp_path / "text-query.png"))
+    # the query lives in the URL: opening it again gives the same results
+    url = browser.current_url
+    assert "q=a+large+red+circle" in url and "k=300" in url
+    first = [h.get_attribute("data-id") for h in hits]
+    browser.get(url)
+    assert [h.get_attribute("data-id") for h in _results(browser)] == first
+    # clicking a result searches by it
+    target = _results(browser)[0].get_attribute("data-id")
+    _results(browser)[0].click()
+    more = _results(browser)
+    assert f"id={target}" in browser.current_url and target not in [h.get_attribute("data-id") for h in more]
+    # the modality switch: texts only
+    browser.find_element(By.CSS_SELECTOR, "input[name=modality][value=text] + span").click()
+    assert {h.get_attribute("class").split()[1] for h in _results(browser)} == {"text"}
+    # an image upload through the file picker
+    query = tmp_path / "query.png"
+    image_for_key("synth/0/val/000007").save(query)
+    browser.find_element(By.CSS_SELECTOR, "input[name=modality][value=any] + span").click()
+    _results(browser)
+    browser.find_element(By.ID, "file").send_keys(str(query))
+    WebDriverWait(browser, 30).until(lambda d: "query.png:" in d.find_element(By.ID, "status").text)
+    hits = browser.find_elements(By.CSS_SELECTOR, "#results .hit")
+    # the uploaded image finds itself first (the id the API gives for the same image)
+    payload = json.dumps({"image": base64.b64encode(query.read_bytes()).decode(), "k": 1}).encode()
+    status, body, _ = page_server.request("POST", "/v1/search", payload, {"Content-Type": "application/json"})
+    assert hits[0].get_attribute("data-id") == str(json.loads(body)["hits"][0]["id"])
+    assert "image" in hits[0].get_attribute("class")
+    browser.save_screenshot(str(tmp_path / "image-query.png"))
+    assert (tmp_path / "text-query.png").stat().st_size > 10_000 and (tmp_path / "image-query.png").is_file()
+    # a bad query is said on the page, not a blank screen
+    browser.get(page_server.url + "/?q=" + "x" * 5000)
+    from selenium.webdriver.support import expected_conditions as ec
+
+    WebDriverWait(browser, 30).until(ec.text_to_be_present_in_element((By.ID, "status"), "over the limit"))
+    assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
+    Path(tmp_path / "done").write_text("ok")
