@@ -63,10 +63,10 @@ def tiny_export(base_model_dir, tmp_path_factory):
 def aligned_index(request, tmp_path_factory):
     """The α = 0.5 run exported, the generated validation split (1000 images, 5000 captions) embedded with it and
     indexed: what `cmalign serve` serves in the README. {"export", "emb", "index"} paths."""
-
     from cmalign.corpus.embed import EmbedConfig, embed_dataset
     from cmalign.export.onnx_export import ExportConfig, export_model
     from cmalign.index import IndexConfig, build_index
+
     root = tmp_path_factory.mktemp("served")
     alignment_runs = request.getfixturevalue("alignment_runs")
     export = export_model(ExportConfig(source=str(alignment_runs[0.5].run_dir), out=str(root / "export"),
