@@ -20,7 +20,7 @@ def test_help_lists_the_commands_in_pipeline_order():
     assert r.exit_code == 0, r.output
     commands = r.output[r.output.index("Commands"):]
     listed = re.findall(r"^│ ([a-z-]+) ", commands, flags=re.M)
-    assert listed == ["fit", "export", "embed", "embed-merge", "index", "index-add", "search", "eval", "sweep",
+    assert listed == ["fit", "export", "embed", "embed-merge", "index", "index-add", "search", "serve", "eval", "sweep",
                       "data"]
 
 
@@ -57,7 +57,7 @@ def test_every_command_reports_errors_through_the_one_wrapper():
     commands = list(main_app.registered_commands)
     for group in main_app.registered_groups:  # `cmalign data synth`
         commands += group.typer_instance.registered_commands
-    assert len(commands) == 10
+    assert len(commands) == 11
     for command in commands:
         assert getattr(command.callback, "__wrapped__", None) is not None, command.name
 
@@ -74,7 +74,7 @@ def test_data_synth_refuses_negative_sizes_in_one_line(tmp_path):
     assert r.exit_code == 2 and "error: image counts must be >= 0" in r.output
 
 
-@pytest.mark.parametrize("name", ["fit", "export", "embed", "index", "search", "eval", "sweep"])
+@pytest.mark.parametrize("name", ["fit", "export", "embed", "index", "search", "serve", "eval", "sweep"])
 def test_each_command_has_help(name):
     r = runner.invoke(app, [name, "--help"], terminal_width=200)
     assert r.exit_code == 0 and "Usage:" in r.output
