@@ -153,10 +153,9 @@ def test_eval_is_deterministic_with_a_seed(alignment_runs, tmp_path):
 
 
 def test_alignment_shows_in_every_task_against_plain_fine_tuning(alignment_runs, tmp_path):
-    """α = 0.5 against its α = 0 baseline on the default data (short runs): every gap measure is smaller, and the
-    comparison carries paired intervals. Whether ARI and CIDEr-D rise is not a property of a 120-step run (measured
-    here: ARI 0.241 vs 0.241, CIDEr-D 1.26 vs 1.44); the 300-step figures over 3 seeds are in
-    benchmarks/results/paper_table.md."""
+    """α = 0.5 against its α = 0 baseline on the default data (short runs): every gap measure is smaller.
+    Whether ARI and CIDEr-D rise is not a property of a 120-step run (measured here: ARI 0.241 vs 0.241,
+    CIDEr-D 1.26 vs 1.44); the 300-step figures over 3 seeds are in benchmarks/results/paper_table.md."""
     out = tmp_path / "q"
     cfg = EvalConfig(source=str(alignment_runs[0.5].run_dir), baseline=str(alignment_runs[0.0].run_dir),
                      tasks=("gap", "clustering", "caption"), fit_images=500, figures=False, out=str(out))
@@ -165,9 +164,6 @@ def test_alignment_shows_in_every_task_against_plain_fine_tuning(alignment_runs,
     for measure in ("raw", "centroid", "mmd2", "paired_residual", "rmg"):
         assert aligned["gap"][measure] < plain["gap"][measure], measure
     assert aligned["gap"]["raw"] < 0.5 * plain["gap"]["raw"]  # measured 0.197 vs 0.831
-    for figure in ("clustering.kmeans_ari", "caption.cider_d"):
-        task, key = figure.split(".")
-        assert 0 < aligned[task][key] and 0 < plain[task][key], figure
 
 
 def test_eval_through_an_export_matches_torch(tiny_export, base_model_dir, tmp_path):
