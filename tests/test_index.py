@@ -384,7 +384,7 @@ def test_search_runs_without_torch(val_emb, tmp_path):
 def test_the_aligned_joint_index_finds_paired_images(alignment_runs, tmp_path):
     """Where cmalign pays off: queries in one image+text index of the validation split. With the gap (α = 0) every
     query finds its own modality and the partner is ranked behind the whole other modality; aligned (α = 0.5) the
-    partner moves up by more than 10x and starts to appear in the top 10."""
+    partner moves up several times and starts to appear in the top 10."""
     from cmalign.export.onnx_export import ExportConfig, export_model
     from cmalign.metrics.mixed import mixed_modality_report
 
@@ -402,12 +402,12 @@ def test_the_aligned_joint_index_finds_paired_images(alignment_runs, tmp_path):
     # the gap: in the unaligned index, no query finds the other modality in its top 10 (measured: all 0)
     assert plain["text_query_image_share@10"] < 0.01 and plain["image_query_text_share@10"] < 0.01
     assert plain["text_query_partner_hit@10"] < 0.01 and plain["image_query_partner_hit@10"] < 0.01
-    # aligned, after these 120 steps (measured: image queries find a caption of theirs in the top 10 3.8 % of the
-    # time vs 0; median partner rank 141 vs 4316 for text queries, 34 vs 891 for image queries). The 300-step
-    # figures are in benchmarks/results/mixed_modality.json.
-    assert aligned["image_query_partner_hit@10"] >= 0.02
-    assert aligned["text_query_partner_rank_median"] < plain["text_query_partner_rank_median"] / 10
-    assert aligned["image_query_partner_rank_median"] < plain["image_query_partner_rank_median"] / 10
+    # aligned, after these 120 steps (measured on base v2: image queries find a caption of theirs in the top 10
+    # 2.2 % of the time vs 0; median partner rank 285 vs 1494 for text queries, 38 vs 314 for image queries).
+    # The 300-step figures are in benchmarks/results/paper_table.md.
+    assert aligned["image_query_partner_hit@10"] >= 0.01
+    assert aligned["text_query_partner_rank_median"] < plain["text_query_partner_rank_median"] / 3
+    assert aligned["image_query_partner_rank_median"] < plain["image_query_partner_rank_median"] / 4
 
 
 def test_mixed_modality_report_on_a_hand_checkable_case():
