@@ -71,7 +71,7 @@ def test_step_with_scheduler_off_matches_plain_backward(tiny) -> None:
     sched = GradScheduler(GradSchedulerConfig(mode="off"))
     row, d, got = _step_grads(model, images, tokens, loss_fn, sched, 0.5)
     _assert_same_grads(got, ref)
-    assert set(row) == {"clip", "centroid2", "distribution", "cma", "total"}
+    assert set(row) == {"clip", "centroid2", "distribution", "paired2", "cma", "total"}
     assert row["total"] == pytest.approx(row["clip"] + 0.5 * row["cma"])
     assert d.alpha_eff == 0.5 and not d.projected and not d.capped
     assert sched.steps_seen == 0  # "off" measures nothing
@@ -94,7 +94,7 @@ def test_step_without_projection_or_cap_matches_plain_backward(tiny, mode: str) 
     assert not d.projected and not d.capped and d.alpha_eff == 0.5
     assert sched.steps_seen == 1
     _assert_same_grads(got, ref)
-    assert set(row) == {"clip", "centroid2", "distribution", "cma", "total"}
+    assert set(row) == {"clip", "centroid2", "distribution", "paired2", "cma", "total"}
     assert row["total"] == pytest.approx(row["clip"] + 0.5 * row["cma"])
 
 
