@@ -120,7 +120,8 @@ def paired(seed_rows: list[dict], name: str, ref: str, key: str) -> tuple[float,
     if not pairs:
         return None
     m, h = mean_ci([a - b for a, b in pairs])
-    rel = statistics.fmean([a / b - 1 for a, b in pairs if b])
+    rels = [a / b - 1 for a, b in pairs if b]
+    rel = statistics.fmean(rels) if rels else float("nan")  # a reference of 0 (α = 0's image share) has none
     return m, h, rel
 
 
