@@ -236,6 +236,13 @@ def main() -> None:
         {"seeds": seeds, "alphas": alphas, "checks": checks,
          "default_domain": [r.summary for r in main_results], "new_domain": [r.summary for r in domain_results]},
         indent=2, default=str))
+    dest = results / "paper_table"  # the first seed's sweep report, as `cmalign sweep` writes it
+    dest.mkdir(exist_ok=True)
+    import shutil
+
+    for f in ("report.md", "sweep.json", "pareto.png", "tradeoffs.png", "gap_vs_task.png"):
+        if (main_results[0].out / f).exists():
+            shutil.copy(main_results[0].out / f, dest / f)
     print(text)
 
 
