@@ -2,8 +2,9 @@
 
 onnxruntime and faiss amortise their per-call cost over a batch (on a GPU the difference is large; on 2 CPU cores
 it is small for big models, see benchmarks/serve_load.py). Written by hand because no kept library does this for
-an asyncio server around a synchronous model: one worker thread takes the first waiting item, gathers more for up
-to ``max_wait`` seconds or ``max_batch`` items, runs ``fn`` on the list and hands each caller its result. The queue
+an asyncio server around a synchronous model: one worker thread takes the first waiting item and, when others are
+already queued, gathers more for up to ``max_wait`` seconds or ``max_batch`` items; it runs ``fn`` on the list and
+hands each caller its result. A lone query runs at once. The queue
 is bounded: when it is full, :meth:`MicroBatcher.submit` raises :class:`Overloaded` at once (the service answers
 503 with Retry-After) instead of queueing without bound.
 """
@@ -59,6 +60,11 @@ class MicroBatcher:
 
     def _gather(self, first: _Item) -> list[_Item]:
         batch = [first]
+        if self._queue.empty():
+            # nobody else waiting: run now. Waiting max_wait for queries that may never come cost every query at
+            # concurrency 1 the whole wait (measured: p50 7.4 ms against 1.9 ms); under load, queries queue up
+            # while a batch runs, and those are gathered below.
+            return batch
         deadline = time.perf_counter() + self.max_wait
         while len(batch) < self.max_batch:
             remaining = deadline - time.perf_counter()
