@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 from pathlib import Path
 
@@ -238,8 +239,6 @@ def main() -> None:
         indent=2, default=str))
     dest = results / "paper_table"  # the first seed's sweep report, as `cmalign sweep` writes it
     dest.mkdir(exist_ok=True)
-    import shutil
-
     for f in ("report.md", "sweep.json", "pareto.png", "tradeoffs.png", "gap_vs_task.png"):
         if (main_results[0].out / f).exists():
             shutil.copy(main_results[0].out / f, dest / f)

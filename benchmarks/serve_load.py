@@ -125,8 +125,6 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=18765)
     ap.add_argument("--result", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = ap.parse_args()
-    from PIL import Image  # noqa: F401  (the image query below)
-
     from cmalign.data.synth import image_for_key
 
     idx = _prepare(Path(args.work))

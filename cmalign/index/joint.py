@@ -175,12 +175,9 @@ class JointIndex:
         best_s = np.full((len(queries), k), -np.inf, np.float32)
         best_i = np.full((len(queries), k), -1, np.int64)
         try:
-            ivf = unwrap(self.index, "ivf")
-            if ivf is not None and not ivf.direct_map.type:
-                ivf.make_direct_map()  # in memory only: lets IVF indexes give vectors back by id
             for start in range(0, len(members), block):
                 ids = members[start:start + block]
-                vectors = self.index.reconstruct_batch(ids)
+                vectors = self.vectors(ids)
                 s = queries @ vectors.T
                 all_s = np.concatenate([best_s, s], 1)
                 all_i = np.concatenate([best_i, np.broadcast_to(ids, s.shape)], 1)
@@ -192,6 +189,14 @@ class JointIndex:
             return None
         best_i[~np.isfinite(best_s)] = -1
         return best_s, best_i
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``ids`` as the index holds them (approximate for PQ); faiss raises RuntimeError
+        for an index type that keeps none."""
+        ivf = unwrap(self.index, "ivf")
+        if ivf is not None and not ivf.direct_map.type:
+            ivf.make_direct_map()  # in memory only: lets IVF indexes give vectors back by id
+        return self.index.reconstruct_batch(np.asarray(ids, np.int64))
 
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """Search results as rows of the id table."""

@@ -14,16 +14,17 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_type_hints
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
 import cmalign
+from cmalign.index.joint import Hit as IndexHit
 from cmalign.serve import inputs
 from cmalign.serve.batcher import Overloaded
 from cmalign.serve.config import ServeConfig
@@ -60,17 +61,9 @@ class EmbedRequest(BaseModel):
     image: str | None = Field(None, description="base64 (or a data: URL)")
 
 
-class Hit(BaseModel):
-    rank: int
-    id: int
-    score: float
-    modality: str
-    pair_id: int
-    part: int
-    image_path: str
-    caption: str
-    label: str | None
-    url: str = Field(description="the item's image (an image row's own, a caption's paired image)")
+# A search hit as the library returns it (cmalign.index.joint.Hit, the schema follows its fields), plus its image URL
+Hit = create_model("Hit", **{name: (hint, ...) for name, hint in get_type_hints(IndexHit).items()},
+                   url=(str, Field(description="the item's image (an image row's own, a caption's paired image)")))
 
 
 class SearchResponse(BaseModel):

@@ -40,7 +40,6 @@ class ServedIndex:
         self.dim = self.index.dim
         self.batcher = MicroBatcher(self._run_batch, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.queue_size,
                                     name=f"index {entry.name}", on_batch=metrics.observe_batch)
-        self._image_rows = (self.index.ids["modality"] == "image").to_numpy()
 
     def describe(self) -> dict:
         m = self.index.manifest
@@ -96,13 +95,8 @@ class ServedIndex:
         """The stored vector of an item ("more like this"); an index that cannot give vectors back says so."""
         if isinstance(item_id, bool) or not isinstance(item_id, int) or not 0 <= item_id < len(self.index):
             raise BadInput(field, f"expected an id in 0..{len(self.index) - 1}, got {item_id!r}")
-        from cmalign.index.faiss_backend import unwrap
-
         try:
-            ivf = unwrap(self.index.index, "ivf")
-            if ivf is not None and not ivf.direct_map.type:
-                ivf.make_direct_map()
-            v = np.asarray(self.index.index.reconstruct(int(item_id)), np.float32)
+            v = np.asarray(self.index.vectors([item_id])[0], np.float32)
         except RuntimeError:  # faiss: this kind of index keeps no reconstructable vectors
             raise BadInput(field, f"a {self.index.manifest.get('factory')} index cannot give its vectors back; "
                                   "search by text or image instead") from None
@@ -110,11 +104,9 @@ class ServedIndex:
         return v / n if n > 0 else v
 
     def row(self, item_id: int) -> dict:
-        r = self.index.ids.iloc[int(item_id)]
-        label = r["label"]
-        return {"id": int(item_id), "modality": r["modality"], "pair_id": int(r["pair_id"]),
-                "image_path": r["image_path"], "caption": r["caption"],
-                "label": None if label is None or (isinstance(label, float) and label != label) else str(label)}
+        """An item's id-table row, as a search hit gives it (without rank, score and part)."""
+        hit = self.index.hits(np.zeros((1, 1), np.float32), np.array([[item_id]]))[0][0].to_dict()
+        return {k: v for k, v in hit.items() if k not in ("rank", "score", "part")}
 
     def image_path_of(self, item_id: int) -> str:
         """The image recorded for an item (an image row's own, a text row's paired image's)."""
