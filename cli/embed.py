@@ -24,7 +24,8 @@ _R = ReaderOptions()
 def embed_command(
     export: Annotated[str, typer.Argument(help="Export directory written by `cmalign export`.", show_default=False)],
     data: Annotated[str, typer.Option(help="Data set: CSV/TSV, JSON lines, COCO captions JSON, folder, WebDataset "
-                                      "shards (as for `fit`), or generated:train|val|test.")] = "generated:val",
+                                      "shards (as for `fit`), or generated:train|val|test[:IMAGES] "
+                                      "(IMAGES scenes, 5 captions each).")] = "generated:val",
     out: Annotated[str, typer.Option("--out", "-o", help="Embeddings directory.")] = "emb/corpus",
     shard: Annotated[str, typer.Option(help="I/N: embed slice I of N (0 <= I < N).")] = "0/1",
     provider: Annotated[str, typer.Option(help="cpu, cuda (needs onnxruntime-gpu) or auto.")] = "cpu",

@@ -23,6 +23,7 @@ from cmalign.corpus.embed import EmbedConfig, embed_dataset
 from cmalign.corpus.store import EmbeddingsError, load_embeddings, merge_shards, parse_shard
 from cmalign.data.synth import make_scene
 from cmalign.export.runtime import ExportedModel
+from cmalign.errors import ConfigError
 
 runner = CliRunner()
 N_IMAGES = 40
@@ -347,3 +348,15 @@ def test_embed_runs_without_torch(tiny_export, corpus, single, tmp_path):
     assert proc.stdout.split("\n")[0] == f"OK {N_IMAGES} {N_IMAGES * CAPTIONS} []"
     np.testing.assert_array_equal(load_embeddings(out).text, load_embeddings(single.out).text)
     assert pq.read_table(out / "metadata/metadata_0000.parquet").num_rows == N_IMAGES * (1 + CAPTIONS)
+
+
+def test_generated_corpus_of_a_given_size(tiny_export):
+    """generated:SPLIT:N reads N scenes (5 captions each) for load tests; a size that is not a count is refused."""
+    from cmalign.corpus.embed import read_corpus
+
+    pairs, skipped, desc = read_corpus(EmbedConfig(export=str(tiny_export), data="generated:test:7"))
+    assert len(pairs) == 7 and desc["texts"] == 35 and not skipped
+    assert pairs[-1].image.key == "synth/0/test/000006"
+    for bad in ("generated:test:0", "generated:test:ten", "generated:test:-3"):
+        with pytest.raises(ConfigError, match="whole number of images"):
+            read_corpus(EmbedConfig(export=str(tiny_export), data=bad))

@@ -51,7 +51,7 @@ class EmbedConfig(ReaderOptions):
     """What `cmalign embed` embeds, and how; how to read ``data`` is the inherited ReaderOptions (keywords)."""
 
     export: str
-    data: str = "generated:val"  # a data file/folder in any `fit` format, or generated:train|val|test
+    data: str = "generated:val"  # a data file/folder in any `fit` format, or generated:train|val|test[:IMAGES]
     out: str = "emb/corpus"
     shard: str = "0/1"
     provider: str = "cpu"
@@ -82,13 +82,23 @@ class _Pair:
     captions: list[Record]
 
 
+def _generated_size(spec: str, size: str) -> int | None:
+    """``generated:train:20000`` asks for 20,000 scenes (a corpus of any size for load tests); none: the split's."""
+    if not size:
+        return None
+    if not size.isdigit() or int(size) < 1:
+        raise ConfigError(f"--data {spec}: the size after the split must be a whole number of images >= 1, "
+                          f"got {size!r} (e.g. generated:train:20000)")
+    return int(size)
+
+
 def read_corpus(cfg: EmbedConfig) -> tuple[list[_Pair], list[BadSample], dict]:
     """Group records by image (in order of first appearance); pair_id is that position."""
     if cfg.data.startswith(GENERATED_PREFIX):
         from cmalign.data.synth import synth_split
 
-        split = cfg.data[len(GENERATED_PREFIX):]
-        records, skipped = synth_split(split).records, []
+        split, _, size = cfg.data[len(GENERATED_PREFIX):].partition(":")
+        records, skipped = synth_split(split, n_images=_generated_size(cfg.data, size)).records, []
         description = {"path": cfg.data, "format": "generated"}
     else:
         from cmalign.data.splits import read_records
