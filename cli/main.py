@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 import cmalign
+from cmalign.cli import adapt as adapt_cmd
 from cmalign.cli import data as data_cmd
 from cmalign.cli import embed as embed_cmd
 from cmalign.cli import errors
@@ -30,6 +31,7 @@ app = typer.Typer(
     help="Close the modality gap of CLIP-style models. The pipeline, in order: fine-tune with TPC-CMA (fit), "
          "export ONNX encoders (export), embed a corpus (embed, embed-merge), build and extend a joint image+text "
          "FAISS index (index, index-add), query it (search) or serve it over HTTP with a web page (serve); "
+         "align a stored corpus without re-encoding it (adapt, adapt-apply); "
          "measure what alignment bought (eval) and choose "
          "alpha_target (sweep). `data synth` writes the generated default data set. Only the command you run "
          "loads its dependencies: embed, index, search and serve need no torch. "
@@ -49,6 +51,8 @@ for name, command, help_text in [
     ("index-add", index_cmd.add_command, index_cmd.ADD_HELP),
     ("search", search_cmd.search_command, search_cmd.HELP),
     ("serve", serve_cmd.serve_command, serve_cmd.HELP),
+    ("adapt", adapt_cmd.adapt_command, adapt_cmd.HELP),
+    ("adapt-apply", adapt_cmd.apply_command, adapt_cmd.APPLY_HELP),
     ("eval", eval_cmd.eval_command, eval_cmd.HELP),
     ("sweep", sweep_cmd.sweep_command, sweep_cmd.HELP),
 ]:

@@ -132,9 +132,9 @@ def test_due_only_in_acting_phases_every_k_steps_with_alpha() -> None:
 
 def test_scales_lower_only_their_blocks_learning_rate() -> None:
     model, sched = TwoBlocks(), scheduler()
-    from cmalign.train.optimizer import _split_by_block
+    from cmalign.train.optimizer import split_by_block
 
-    opt = torch.optim.SGD(_split_by_block(model, [{"params": list(model.parameters())}], "layer"), lr=1.0)
+    opt = torch.optim.SGD(split_by_block(model, [{"params": list(model.parameters())}], "layer"), lr=1.0)
     sched.update(block_sums(model, *opposing_losses(model)), alpha=1.0)
     apply_block_scales(opt, sched.scales)
     for p in model.parameters():

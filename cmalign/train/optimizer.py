@@ -26,11 +26,11 @@ def build_optimizer(model: torch.nn.Module, cfg: FitConfig) -> torch.optim.AdamW
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
     if cfg.scheduler.mode == "block":
-        groups = _split_by_block(model, groups, cfg.scheduler.blocks)
+        groups = split_by_block(model, groups, cfg.scheduler.blocks)
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
-def _split_by_block(model: torch.nn.Module, groups: list[dict], level: str) -> list[dict]:
+def split_by_block(model: torch.nn.Module, groups: list[dict], level: str) -> list[dict]:
     block = {id(p): block_of(n, level) for n, p in model.named_parameters()}
     out: dict[tuple, dict] = {}
     for gi, g in enumerate(groups):
@@ -51,11 +51,16 @@ def apply_block_scales(optimizer, scales: dict[str, float]) -> None:
 def lr_at(step: int, cfg: FitConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to ``min_lr_ratio``."""
     o = cfg.optim
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    span = max(1, cfg.train.steps - o.warmup_steps)
-    u = min(1.0, (step - o.warmup_steps) / span)
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * u)))
+    return lr_schedule(step, o.lr, o.warmup_steps, o.min_lr_ratio, cfg.train.steps)
+
+
+def lr_schedule(step: int, lr: float, warmup_steps: int, min_lr_ratio: float, steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine from ``lr`` to ``min_lr_ratio × lr`` at ``steps``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(1, steps - warmup_steps)
+    u = min(1.0, (step - warmup_steps) / span)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * u)))
 
 
 def clip_gradients(optimizer, scaler, params: list, grad_clip: float) -> float:

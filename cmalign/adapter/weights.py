@@ -1,0 +1,55 @@
+"""A trained adapter as numpy arrays (``ADAPTER/adapter.npz``), applied without torch.
+
+Keys per adapted tower: ``{tower}.weight`` (full rank) or ``{tower}.down`` and ``{tower}.up`` (rank r), and
+``{tower}.bias``. The same maps run inside the derived export's graphs; this is the reference they are checked
+against and what re-maps stored vectors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cmalign.errors import CmalignError
+
+WEIGHTS_FILE = "adapter.npz"
+CHUNK = 65536
+
+
+class AdapterError(CmalignError, ValueError):
+    """An adapter directory that is incomplete, or applied to vectors it was not trained for."""
+
+
+class AdapterWeights:
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        self.towers = sorted({k.split(".")[0] for k in arrays})
+
+    @classmethod
+    def load(cls, adapter_dir: str | Path) -> AdapterWeights:
+        path = Path(adapter_dir) / WEIGHTS_FILE
+        if not path.is_file():
+            raise AdapterError(f"{path}: missing; is {adapter_dir} a directory written by `cmalign adapt`?")
+        with np.load(path) as z:
+            return cls({k: np.asarray(z[k], np.float32) for k in z.files})
+
+    def save(self, path: Path) -> None:
+        with open(path, "wb") as f:
+            np.savez(f, **self.arrays)
+
+    def apply(self, tower: str, x: np.ndarray) -> np.ndarray:
+        """The tower's map on rows of ``x`` (float32, chunked); a tower without a map returns ``x`` unchanged."""
+        if tower not in self.towers:
+            return x
+        a = self.arrays
+        out = np.empty((len(x), x.shape[1]), np.float32)
+        for s in range(0, len(x), CHUNK):
+            v = np.asarray(x[s:s + CHUNK], np.float32)
+            if f"{tower}.weight" in a:
+                y = v + v @ a[f"{tower}.weight"]
+            else:
+                y = v + (v @ a[f"{tower}.down"]) @ a[f"{tower}.up"]
+            y += a[f"{tower}.bias"]
+            out[s:s + CHUNK] = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        return out
