@@ -48,7 +48,7 @@ def adapt_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last "
                                          "checkpoint.")] = False,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default).")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or before/after table.")] = False,
 ):
     from rich.console import Console
     from rich.table import Table

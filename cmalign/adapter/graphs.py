@@ -93,10 +93,10 @@ def _parity_inputs(base_dir: Path, n: int = 16) -> dict[str, np.ndarray]:
             "text": model.tokenize([r.caption for r in records])}
 
 
-def _run(path: Path, x: np.ndarray) -> np.ndarray:
-    from cmalign.export.runtime import make_session
+def _run(path: Path, x: np.ndarray, variant: str) -> np.ndarray:
+    from cmalign.export.runtime import default_optimization, make_session
 
-    s = make_session(path)
+    s = make_session(path, optimization=default_optimization(variant, "cpu"))  # the level the runtime uses
     return np.asarray(s.run(None, {s.get_inputs()[0].name: x})[0], np.float32)
 
 
@@ -127,8 +127,8 @@ def derive_export(base_dir: str | Path, adapter_dir: str | Path, out: str | Path
                     fuse(src, weights, tower, dst)
                 else:
                     shutil.copy2(src, dst)  # unchanged (a query adapter leaves the image graph as it is)
-                expected = weights.apply(tower, _run(src, inputs[tower]))
-                got = _run(dst, inputs[tower])
+                expected = weights.apply(tower, _run(src, inputs[tower], variant))
+                got = _run(dst, inputs[tower], variant)
                 cos = float(np.min(np.sum(expected * got, axis=1) /
                                    (np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1))))
                 bound = mf.MIN_COSINE["fp32"]  # against its own base variant: only the fp32 adapter ops differ
