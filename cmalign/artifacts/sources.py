@@ -60,11 +60,14 @@ def resolve_source(path: str | Path) -> Source:
         return Source(RUN, p, manifest)
     if kind == "cmalign-export":
         return Source(EXPORT, p, manifest)
+    if kind == "cmalign-adapter":  # an adapter is evaluated (and served) as its derived export
+        return resolve_source(p / str(manifest.get("export", "export")))
     if (p / "open_clip_config.json").is_file():
         extra = read_json_object(p / "open_clip_config.json", SourceError).get("cmalign", {})
         return Source(MODEL, p, extra if isinstance(extra, dict) else {})
     raise SourceError(f"{p}: not a cmalign run (manifest.json of kind cmalign-run), an export (kind "
-                      "cmalign-export) or an open_clip model directory (open_clip_config.json)")
+                      "cmalign-export), an adapter (kind cmalign-adapter) or an open_clip model directory "
+                      "(open_clip_config.json)")
 
 
 def run_finished(run_dir: str | Path, config_hash: str | None = None) -> bool:

@@ -8,7 +8,7 @@ from cmalign.data.options import ReaderOptions
 from cmalign.errors import ConfigError
 from cmalign.evaluation.captioning.config import DecoderConfig
 
-TASKS = ("gap", "retrieval", "mixed", "clustering", "zeroshot", "caption")
+TASKS = ("gap", "retrieval", "mixed", "mixcorpus", "clustering", "zeroshot", "caption")
 
 
 @dataclass

@@ -155,6 +155,44 @@ class MixedModalityEvaluator(Evaluator):
 
 
 @dataclass
+class MixedCorpusEvaluator(Evaluator):
+    k: int = 10
+    name = "mixcorpus"
+    primary_metric = "ndcg_range"
+    higher_is_better = False
+    definitions = {
+        "ndcg@k_p=P": "text queries against a corpus whose documents are each its image (probability P) or a "
+                      "caption (otherwise), after GR-CLIP's MixBench: NDCG@k of the query's own document (the "
+                      "query is another caption of the same image)",
+        "image_documents_p=P": "share of documents stored as images at P (the same draw at every P: nested corpora)",
+        "ndcg_range": "max − min of NDCG@k over P: 0 is a flat curve (the space does not care which modality a "
+                      "document is in)",
+        "ndcg_sag": "mean of the two ends − the lowest inner point: > 0 is the U an unaligned space draws",
+    }
+    no_ci = {"image_documents_p=0": SIZE, "image_documents_p=0.25": SIZE, "image_documents_p=0.5": SIZE,
+             "image_documents_p=0.75": SIZE, "image_documents_p=1": SIZE}
+
+    def __call__(self, e, data, progress=None) -> dict:
+        from cmalign.metrics.mixcorpus import mixed_corpus_ndcg
+
+        out, each = mixed_corpus_ndcg(e.image, e.text, data.eval.caption_image, data.eval.captions, k=self.k,
+                                      seed=self.bootstrap_seed, per_query=True)
+        names = list(each)
+        values = np.stack([each[m] for m in names])
+        n = values.shape[1]
+
+        def compute():
+            def stat(idx):
+                means = counts(idx, n) @ values.T / n  # (batch, len(names))
+                return np.concatenate([means.T, [means.max(1) - means.min(1)],
+                                       [(means[:, 0] + means[:, -1]) / 2 - means[:, 1:-1].min(1)]])
+
+            return [bootstrap(n, stat, names + ["ndcg_range", "ndcg_sag"], self.bootstrap, self.bootstrap_seed)]
+
+        return self._with_intervals(out, compute)
+
+
+@dataclass
 class ClusteringEvaluator(Evaluator):
     seed: int = 0
     name = "clustering"
@@ -242,13 +280,13 @@ class CaptionEvaluator(Evaluator):
             {"": img_each, "text_ceiling_": txt_each}, self.bootstrap, self.bootstrap_seed)])
 
 
-EVALUATORS = {c.name: c for c in (GapEvaluator, RetrievalEvaluator, MixedModalityEvaluator, ClusteringEvaluator,
-                                  ZeroShotEvaluator, CaptionEvaluator)}
+EVALUATORS = {c.name: c for c in (GapEvaluator, RetrievalEvaluator, MixedModalityEvaluator, MixedCorpusEvaluator,
+                                  ClusteringEvaluator, ZeroShotEvaluator, CaptionEvaluator)}
 
 
 def evaluators_for(cfg) -> list[Evaluator]:
     """The evaluators of ``cfg.tasks`` (an EvalConfig), in that order, with the config's settings."""
-    settings = {"gap": {"seed": cfg.seed}, "clustering": {"seed": cfg.seed}, "mixed": {"k": cfg.k},
+    settings = {"gap": {"seed": cfg.seed}, "clustering": {"seed": cfg.seed}, "mixed": {"k": cfg.k}, "mixcorpus": {"k": cfg.k},
                 "caption": {"decoder": cfg.decoder}}
     out = [EVALUATORS[t](**settings.get(t, {})) for t in cfg.tasks]
     for ev in out:
