@@ -22,8 +22,8 @@ from cmalign.cli.main import app
 from cmalign.corpus.embed import EmbedConfig, embed_dataset
 from cmalign.corpus.store import EmbeddingsError, load_embeddings, merge_shards, parse_shard
 from cmalign.data.synth import make_scene
-from cmalign.export.runtime import ExportedModel
 from cmalign.errors import ConfigError
+from cmalign.export.runtime import ExportedModel
 
 runner = CliRunner()
 N_IMAGES = 40

@@ -89,7 +89,7 @@ def open_source(path: str, label: str, device: str = "auto", provider: str = "cp
     """An encoder for a run, export or open_clip model directory."""
     source = resolve_source(path)
     if source.kind == EXPORT:
-        return OnnxEncoder(path, label, provider=provider, variant=variant, batch_size=batch_size)
+        return OnnxEncoder(str(source.path), label, provider=provider, variant=variant, batch_size=batch_size)
     description = {"source": str(path), "source_kind": source.kind}
     if source.kind == RUN:
         description.update({k: source.manifest.get(k) for k in ("alpha_target", "config_hash", "steps")})

@@ -286,8 +286,8 @@ EVALUATORS = {c.name: c for c in (GapEvaluator, RetrievalEvaluator, MixedModalit
 
 def evaluators_for(cfg) -> list[Evaluator]:
     """The evaluators of ``cfg.tasks`` (an EvalConfig), in that order, with the config's settings."""
-    settings = {"gap": {"seed": cfg.seed}, "clustering": {"seed": cfg.seed}, "mixed": {"k": cfg.k}, "mixcorpus": {"k": cfg.k},
-                "caption": {"decoder": cfg.decoder}}
+    settings = {"gap": {"seed": cfg.seed}, "clustering": {"seed": cfg.seed}, "mixed": {"k": cfg.k},
+                "mixcorpus": {"k": cfg.k}, "caption": {"decoder": cfg.decoder}}
     out = [EVALUATORS[t](**settings.get(t, {})) for t in cfg.tasks]
     for ev in out:
         ev.bootstrap = getattr(cfg, "bootstrap", 0)

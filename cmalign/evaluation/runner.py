@@ -60,6 +60,16 @@ def _baseline(cfg: EvalConfig, log):
     spec = cfg.baseline
     if spec == "none":
         return None, "none requested"
+    if spec in ("auto", "base") and cfg.source:
+        from cmalign.artifacts.manifests import json_object_or_none
+
+        own = json_object_or_none(Path(cfg.source) / "manifest.json") or {}
+        if own.get("kind") == "cmalign-adapter" and Path(str(own.get("base_export"))).is_dir():
+            log(f"baseline: the adapter's base export {own['base_export']}")
+            enc = encoders.open_source(own["base_export"], "baseline", cfg.device, cfg.provider, cfg.variant,
+                                       cfg.batch_size)
+            enc.description["role"] = "the adapter's base export"
+            return enc, None
     if spec in ("auto", "base"):
         source = resolve_source(cfg.source) if cfg.source else None
         kind = source.kind if source else None
