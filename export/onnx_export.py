@@ -37,6 +37,7 @@ from cmalign.export.parity import (
 from cmalign.export.precision import INT8_KEEP_FLOAT_OPS, convert_fp16, convert_int8
 from cmalign.export.preprocess import save_preprocess
 from cmalign.export.tokenizer import save_tokenizer
+from cmalign.model.base import BASE_TAG, resolve_pretrained
 
 
 @dataclass
@@ -75,8 +76,11 @@ def model_source(cfg: ExportConfig) -> tuple[str, str | None, dict]:
         raise ConfigError("give either a source directory (a `cmalign fit` run or an open_clip local-dir model) "
                          "or --model NAME [--pretrained TAG|PATH], not both or neither")
     if cfg.model:
-        return cfg.model, cfg.pretrained, {"kind": "open_clip", "model": cfg.model, "pretrained": cfg.pretrained,
-                                           "alpha_target": None}
+        pretrained = cfg.pretrained
+        if pretrained == BASE_TAG:  # the embedded base model (built and cached on first use), as fit and eval take it
+            pretrained = resolve_pretrained(cfg.model, pretrained)
+        return cfg.model, pretrained, {"kind": "open_clip", "model": cfg.model, "pretrained": cfg.pretrained,
+                                       "alpha_target": None}
     if cfg.pretrained:
         raise ConfigError("--pretrained goes with --model; a run or model directory carries its own weights")
     try:
