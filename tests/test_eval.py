@@ -40,7 +40,7 @@ def test_eval_of_a_run_writes_metrics_report_and_figures(run_report):
     assert list(m["systems"]) == ["model", "baseline", "baseline+centring", "baseline+liang", "baseline+procrustes"]
     assert m["baseline"]["role"] == "the run's starting model"
     model = m["systems"]["model"]
-    assert set(model) == {"gap", "retrieval", "mixed", "clustering", "zeroshot", "caption"}
+    assert set(model) == {"gap", "retrieval", "mixed", "mixcorpus", "clustering", "zeroshot", "caption"}
     assert model["gap"]["n"] == 150 and model["retrieval"]["captions"] == 750
     assert model["caption"]["images"] == 150 and len(model["caption"]["examples"]) == 5
     # α = 0.5 closes the base model's gap: the comparison says so
@@ -56,7 +56,7 @@ def test_eval_of_a_run_writes_metrics_report_and_figures(run_report):
     for heading in ("## Summary", "## Gap decomposition", "## Caption-prefix quality", "## Definitions",
                     "Changes against **baseline**", "CIDEr scoring"):
         assert heading in report
-    for fig in ("embedding_map.png", "gap_decomposition.png", "tasks_vs_gap.png"):
+    for fig in ("embedding_map.png", "gap_decomposition.png", "tasks_vs_gap.png", "mixed_corpus.png"):
         assert (out / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({fig})" in report
 
@@ -208,7 +208,7 @@ def test_user_data_without_labels_degrades_gracefully(base_model_dir, tmp_path):
     assert "skipped clustering" in text and "skipped zeroshot" in text
     m = json.loads((out / "metrics.json").read_text())
     model = m["systems"]["model"]
-    assert set(model) == {"gap", "retrieval", "mixed", "caption"}
+    assert set(model) == {"gap", "retrieval", "mixed", "mixcorpus", "caption"}
     assert set(m["skipped"]) == {"clustering", "zeroshot"}
     # no fit data given: half of the images fit the decoder, the other half are evaluated
     assert m["data"]["images"] + m["data"]["fit_images"] == 60 and m["data"]["captions"] == m["data"]["images"]

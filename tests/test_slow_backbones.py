@@ -49,5 +49,5 @@ def test_vit_b32_eval_with_random_weights(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["systems"]["model"]["gap"]["d"] == 512
     assert set(m["systems"]) == {"model", "model+centring", "model+liang", "model+procrustes"}
-    assert all(set(s) == {"gap", "retrieval", "mixed", "clustering", "zeroshot", "caption"}
+    assert all(set(s) == {"gap", "retrieval", "mixed", "mixcorpus", "clustering", "zeroshot", "caption"}
                for s in m["systems"].values())

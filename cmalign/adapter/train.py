@@ -165,6 +165,7 @@ def adapt(cfg: AdaptConfig, resume: bool = False, console=None, show_progress: b
                   f"{pairs.path}: kind {cfg.kind}, rank {cfg.rank or 'full'}, α {cfg.alpha_target}, {cfg.steps} steps"
                   + (f", resuming at step {start}" if start else ""), highlight=False, soft_wrap=True)
     params = [p for p in model.parameters() if p.requires_grad]
+    t_train = time.time()
     with open(out / "metrics.jsonl", "a", buffering=1) as log, Progress(
             TextColumn("adapt"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
@@ -196,6 +197,7 @@ def adapt(cfg: AdaptConfig, resume: bool = False, console=None, show_progress: b
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 _save_checkpoint(out, done, cfg, pairs, model, optimizer, scheduler, blocks)
 
+    train_seconds = time.time() - t_train
     weights = AdapterWeights({f"{t}.{n}": p.detach().numpy().copy() for t, m in model.towers().items()
                               for n, p in m.named_parameters()})
     with atomic_write(out / "adapter.npz", "wb") as f:
@@ -214,7 +216,10 @@ def adapt(cfg: AdaptConfig, resume: bool = False, console=None, show_progress: b
                 "logit_scale": float(model.logit_scale.detach().exp()),
                 "block_scheduler": ({"measurements": blocks.measurements, "throttles": blocks.throttles,
                                      "min_lr_scale_reached": blocks.min_scale_seen} if blocks is not None else None),
-                "weights": "adapter.npz", "export": EXPORT_DIR, "versions": {"torch": torch.__version__}}
+                "weights": "adapter.npz", "export": EXPORT_DIR, "versions": {"torch": torch.__version__},
+                "train_seconds": round(train_seconds, 2),  # this process's steps (a resumed run: since resuming)
+                "pairs_per_second": round((cfg.steps - start) * min(cfg.batch_size, len(train_images))
+                                          / max(train_seconds, 1e-9), 1)}
     console.print(f"fusing the adapter into a derived export of {base_export}", highlight=False)
     exp = derive_export(base_export, out, out / EXPORT_DIR, manifest)
     manifest["export_fingerprint"] = exp["fingerprint"]
