@@ -38,8 +38,8 @@ def adapt_command(
     batch_size: Annotated[int, typer.Option(help="Pairs per step (distinct images, one caption each).")]
     = _D.batch_size,
     lr: Annotated[float, typer.Option(help="Peak learning rate (warm-up, then cosine).")] = _D.lr,
-    lambda_paired: Annotated[float | None, typer.Option(help="Weight of the paired-residual term (0: the paper's "
-                                                        "loss) [default: fit's].")] = None,
+    lambda_paired: Annotated[float, typer.Option(help="Weight of the paired-residual term (0: the paper's loss; "
+                                                 "fit's default is 3).")] = _D.loss.lambda_paired,
     scheduler: Annotated[str | None, typer.Option(help="Gradient-aware scheduler: block | project | lr | alpha | "
                                                   "off [default: block].")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initialisation, batches and held-out split.")] = _D.seed,
@@ -58,8 +58,7 @@ def adapt_command(
     cfg = AdaptConfig(embeddings=embeddings, out=out, kind=kind, rank=rank, export=export,
                       alpha_target=alpha_target, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                       checkpoint_every=checkpoint_every, threads=threads)
-    if lambda_paired is not None:
-        cfg.loss.lambda_paired = lambda_paired
+    cfg.loss.lambda_paired = lambda_paired
     if scheduler is not None:
         cfg.scheduler.mode = scheduler
         cfg.scheduler.__post_init__()
