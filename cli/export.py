@@ -24,7 +24,8 @@ def export_command(
                                             "(default: exports/<source name>).")] = None,
     model: Annotated[str | None, typer.Option(help="open_clip model name, instead of SOURCE (e.g. ViT-B-32).")] = None,
     pretrained: Annotated[str | None, typer.Option(help="open_clip tag or checkpoint file, with --model; "
-                                                   "cmalign-base: cmalign-tiny's embedded base.")] = None,
+                                                   "cmalign-base: cmalign-tiny's embedded base; random: no "
+                                                   "weights.")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write fp16 graphs (float32 inputs/outputs).")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="Also write int8 graphs (dynamic quantisation).")] = False,
     int8_per_tensor: Annotated[bool, typer.Option("--int8-per-tensor", help="Quantise int8 weights per tensor "

@@ -77,8 +77,8 @@ def model_source(cfg: ExportConfig) -> tuple[str, str | None, dict]:
                          "or --model NAME [--pretrained TAG|PATH], not both or neither")
     if cfg.model:
         pretrained = cfg.pretrained
-        if pretrained == BASE_TAG:  # the embedded base model (built and cached on first use), as fit and eval take it
-            pretrained = resolve_pretrained(cfg.model, pretrained)
+        if pretrained in (BASE_TAG, "random"):  # the embedded base (built and cached on first use) or no weights,
+            pretrained = resolve_pretrained(cfg.model, pretrained)  # as fit and eval take them
         return cfg.model, pretrained, {"kind": "open_clip", "model": cfg.model, "pretrained": cfg.pretrained,
                                        "alpha_target": None}
     if cfg.pretrained:
