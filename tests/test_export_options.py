@@ -205,3 +205,15 @@ def test_a_graph_written_at_another_opset_than_asked_is_refused(base_model_dir, 
         export_model(ExportConfig(source=str(base_model_dir), out=str(tmp_path / "exp"), opset=17,
                                   retrieval_images=0))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_with_the_base_tag_exports_the_embedded_base(tiny_export, tmp_path):
+    """`--model cmalign-tiny --pretrained cmalign-base` is the unaligned export the adapter path starts from: the
+    same graphs (fingerprint) as exporting the cached base model's directory; `random` exports other weights."""
+    base = export_model(ExportConfig(model="cmalign-tiny", pretrained="cmalign-base", out=str(tmp_path / "b"),
+                                     retrieval_images=0))
+    assert base.manifest["fingerprint"] == tiny_export.manifest["fingerprint"]
+    assert base.manifest["source"]["pretrained"] == "cmalign-base"
+    rand = export_model(ExportConfig(model="cmalign-tiny", pretrained="random", out=str(tmp_path / "r"),
+                                     retrieval_images=0))
+    assert rand.manifest["fingerprint"] != base.manifest["fingerprint"]
