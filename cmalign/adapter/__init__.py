@@ -7,4 +7,15 @@
     weights.py  the trained maps as numpy arrays, applied without torch
     graphs.py   the adapter as ONNX, fused into a derived export of the base (parity-checked)
     apply.py    stored embeddings re-mapped into an embeddings directory of the derived export (torch-free)
-"""
+
+Public names load on first use."""
+
+from cmalign._lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
+    "config": ("AdaptConfig",),
+    "train": ("AdaptResult", "adapt"),
+    "apply": ("ApplyResult", "apply_adapter"),
+    "weights": ("AdapterWeights", "AdapterError"),
+    "graphs": ("derive_export",),
+})
