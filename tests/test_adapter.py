@@ -105,6 +105,12 @@ def test_adapted_embeddings_index_and_search(both, stored, tmp_path):
     caption = load_embeddings(stored).text_metadata["caption"].iloc[3]
     hits = s.text(caption, k=5)[0]
     assert any(h.caption == caption for h in hits)
+    # the base's (unaligned) vectors never enter the aligned index; the error says how to map them
+    from cmalign.index import add_to_index
+    from cmalign.index.errors import ExportMismatchError
+
+    with pytest.raises(ExportMismatchError, match="cmalign adapt-apply"):
+        add_to_index(tmp_path / "idx", stored)
 
 
 def test_an_adapter_refuses_vectors_of_another_export(both, base_model_dir, tmp_path):

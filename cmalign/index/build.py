@@ -125,11 +125,13 @@ def build_index(cfg: IndexConfig, progress: Progress | None = None) -> IndexResu
         if progress:
             progress("training", 1, 1)
 
+    gpu_used = False  # --gpu falls back to the CPU for indexes faiss has no GPU version of (HNSW): say which ran
     with atomic_dir(out) as tmp:
         if cfg.on_disk:
             index, order, tuning = _build_on_disk(faiss, index, corpus, probe, cfg.recall_target, tmp, progress)
         else:
             target = to_gpu(faiss, index) if cfg.gpu else None
+            gpu_used = target is not None
             # GPU: add there, then tune and finish on the CPU copy that is saved (the knobs are the CPU index's)
             index, order, tuning = fill_and_tune(target or index, corpus, probe, cfg.recall_target, progress,
                                                  to_cpu=faiss.index_gpu_to_cpu if target is not None else None)
@@ -151,7 +153,8 @@ def build_index(cfg: IndexConfig, progress: Progress | None = None) -> IndexResu
                                             ({"ivfdata": IVFDATA_FILE} if cfg.on_disk else {}),
             "search_params": tuning.params if tuning else {}, "recall": recall_entry(tuning, probe),
             "parts": [part_entry(emb_dir, manifest, 0, 0, n)],
-            "build": {"seconds": round(time.time() - t0, 2), "train_size": train_size, "gpu": cfg.gpu,
+            "build": {"seconds": round(time.time() - t0, 2), "train_size": train_size, "gpu": gpu_used,
+                      "gpu_requested": cfg.gpu,
                       "threads": faiss.omp_get_max_threads(), "max_norm_deviation": corpus.max_norm_deviation},
             "settings": {k: v for k, v in asdict(cfg).items() if k not in ("embeddings", "out", "overwrite")},
             "versions": versions(faiss),

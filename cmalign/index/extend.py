@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cmalign.artifacts.atomic import atomic_dir, write_json
+from cmalign.artifacts.manifests import json_object_or_none
 from cmalign.corpus.store import EmbeddingsError, read_merged_manifest
 from cmalign.index.build import IndexResult, Progress, fill_and_tune
 from cmalign.index.choice import estimate_bytes
@@ -53,11 +54,15 @@ def add_to_index(index_dir: str | Path, embeddings: str | Path, retune: bool = T
                               "every embeddings shard (`cmalign index ... --on-disk --overwrite`)")
     new_manifest = read_merged_manifest(emb_dir)
     if not _same_export(new_manifest, manifest):
+        remedy = f"Re-embed {emb_dir} with {manifest['export']['path']}"
+        adapter = (json_object_or_none(Path(manifest["export"]["path"]) / "manifest.json") or {}).get("adapter")
+        if adapter and adapter.get("base_fingerprint") == new_manifest.get("export_fingerprint"):
+            remedy = (f"They are the adapter's base vectors: map them first, `cmalign adapt-apply {emb_dir} "
+                      f"--adapter {adapter.get('path')} --out DIR`, then add DIR (no re-encoding)")
         raise ExportMismatchError(
             f"{emb_dir} was embedded with export {new_manifest.get('export')} (fingerprint "
             f"{new_manifest.get('export_fingerprint')}), the index {index_dir} with {manifest['export']['path']} "
-            f"({manifest['export']['fingerprint']}); vectors of two models cannot share an index. Re-embed {emb_dir} "
-            f"with {manifest['export']['path']}")
+            f"({manifest['export']['fingerprint']}); vectors of two models cannot share an index. {remedy}")
     if int(new_manifest["embed_dim"]) != int(manifest["dim"]):
         raise ExportMismatchError(f"{emb_dir}: dim {new_manifest['embed_dim']}, the index {manifest['dim']}")
     resolved = str(emb_dir.resolve())

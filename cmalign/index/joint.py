@@ -48,6 +48,9 @@ class Hit:
         return asdict(self)
 
 
+GPU_MAX_K = 2048  # faiss GPU indexes refuse k above this (GPU_MAX_SELECTION_K)
+
+
 class JointIndex:
     """A loaded index directory: the FAISS index with its tuned knobs, the id table and the manifest."""
 
@@ -150,8 +153,8 @@ class JointIndex:
             queries, _ = clean_vectors(queries, "query")
         except EmbeddingsError as e:  # its advice (re-embed the shard) is for corpus files, not queries
             raise ConfigError(f"{str(e).split(';')[0]}; a query must be a finite, non-zero vector") from None
-        if self.gpu_index is not None and modality == "any":
-            return self.gpu_index.search(queries, k)
+        if self.gpu_index is not None and modality == "any" and k <= GPU_MAX_K:
+            return self.gpu_index.search(queries, k)  # a larger k goes to the CPU copy below
         available = self.count(modality)
         want = min(k, available)
         selector = self._selector(modality) if modality != "any" else None
