@@ -107,8 +107,35 @@ def _load(port: int, body: bytes, requests: int, concurrency: int) -> dict:
     wall = time.perf_counter() - t0
     lat = sorted(x for p in parts for x in p[0])
     codes = [c for p in parts for c in p[1]]
-    return {"qps": len(lat) / wall, "p50_ms": 1000 * lat[len(lat) // 2],
+    return {"qps": len(lat) / wall, "p50_ms": 1000 * lat[len(lat) // 2], "mean_latency_ms": 1000 * sum(lat) / len(lat),
             "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "non_200": sum(c != 200 for c in codes)}
+
+
+def _server_seconds(port: int) -> dict:
+    """Cumulative server-side seconds from /metrics: in the app per /v1/search request, and per query stage."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    out = {}
+    for line in text.splitlines():
+        for name, key in (('cmalign_request_seconds_sum{endpoint="/v1/search"}', "app"),
+                          ('cmalign_request_seconds_count{endpoint="/v1/search"}', "requests")):
+            if line.startswith(name):
+                out[key] = float(line.split()[-1])
+        if line.startswith("cmalign_stage_seconds_sum{"):
+            out[line.split('"')[1]] = float(line.split()[-1])
+    return out
+
+
+def _breakdown(before: dict, after: dict, client_ms: float) -> dict:
+    """Mean milliseconds per request: client-measured latency, time inside the app, and per stage (a batched
+    stage's time is shared by the queries of its batch, so stages are per query, not per request)."""
+    n = max(after.get("requests", 0) - before.get("requests", 0), 1)
+    ms = {k: 1000 * (after.get(k, 0) - before.get(k, 0)) / n for k in ("app", "decode", "encode", "search",
+                                                                         "metadata")}
+    ms["client_latency"] = client_ms
+    ms["outside_app (HTTP, JSON, client)"] = client_ms - ms["app"]
+    return {k: round(v, 3) for k, v in ms.items()}
 
 
 def _serve(idx: Path, port: int, max_batch: int):
@@ -164,14 +191,19 @@ def main() -> None:
                 for kind, body in bodies.items():
                     _load(args.port, body, 20, 4)  # warm-up
                     for c in (int(x) for x in args.concurrency.split(",")):
+                        seen = _server_seconds(args.port)
                         r = _load(args.port, body, requests, c)
+                        r["mean_ms"] = _breakdown(seen, _server_seconds(args.port), r.pop("mean_latency_ms"))
                         r.update(model=model, variant=variant, kind=kind, concurrency=c, batching=batching,
                                  share_of_limit=r["qps"] / limit[f"{kind}_limit_qps"])
                         r["p99_over_p50"] = r["p99_ms"] / r["p50_ms"]
                         rows.append(r)
                         print(f"{setup:14s} {kind:5s} c={c:2d} batching {batching:3s}: {r['qps']:7.1f} q/s "
                               f"({100 * r['share_of_limit']:5.1f} % of the limit), p50 {r['p50_ms']:7.1f} ms, "
-                              f"p99 {r['p99_ms']:7.1f} ms, non-200 {r['non_200']}", flush=True)
+                              f"p99 {r['p99_ms']:7.1f} ms, non-200 {r['non_200']}; per request: in the app "
+                              f"{r['mean_ms']['app']:.2f} ms (encode {r['mean_ms']['encode']:.2f}, search "
+                              f"{r['mean_ms']['search']:.2f}), outside "
+                              f"{r['mean_ms']['outside_app (HTTP, JSON, client)']:.2f} ms", flush=True)
             finally:
                 proc.terminate()
                 proc.wait(30)

@@ -96,6 +96,8 @@ class JointIndex:
                                    f"in {file.name}; the directory was changed after it was written")
         self.dim = int(self.manifest["dim"])
         self._modality = self.ids["modality"].to_numpy()
+        # a Hit's fields as plain arrays: a pandas row per hit (.iloc) cost ~45 µs, half of a served query's time
+        self._hit_columns = {c: self.ids[c].to_numpy() for c in _HIT_COLUMNS}
         self._bitmaps: dict[str, np.ndarray] = {}
         self.gpu_index = None
         if gpu:
@@ -203,14 +205,15 @@ class JointIndex:
 
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """Search results as rows of the id table."""
-        rows = self.ids
+        c = self._hit_columns
         out = []
         for s_row, i_row in zip(scores, ids, strict=True):
             hits = []
             for rank, (score, i) in enumerate(((s, i) for s, i in zip(s_row, i_row, strict=True) if i >= 0), 1):
-                r = rows.iloc[int(i)]
-                hits.append(Hit(rank, int(i), float(score), r["modality"], int(r["pair_id"]), int(r["part"]),
-                                r["image_path"], r["caption"], None if _missing(r["label"]) else str(r["label"])))
+                i = int(i)
+                label = c["label"][i]
+                hits.append(Hit(rank, i, float(score), c["modality"][i], int(c["pair_id"][i]), int(c["part"][i]),
+                                c["image_path"][i], c["caption"][i], None if _missing(label) else str(label)))
             out.append(hits)
         return out
 
