@@ -111,8 +111,10 @@ class TPCCMAStep:
         if ddp:
             (scaled(losses["total"]) / grad_div).backward()
         else:
-            with torch.no_grad():
+            with torch.no_grad():  # in place: the measured gradients are not needed again
                 for p, gc, ga in zip(params, g_clip, g_cma, strict=True):
-                    g = (gc + alpha * ga) / grad_div
-                    p.grad = g if p.grad is None else p.grad + g
+                    g = gc.add_(ga, alpha=alpha)
+                    if grad_div != 1:
+                        g.div_(grad_div)
+                    p.grad = g if p.grad is None else p.grad.add_(g)
         return measurement
