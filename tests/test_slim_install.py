@@ -71,3 +71,23 @@ def test_training_commands_on_the_slim_install_name_the_extra(slim_venv, tmp_pat
     assert r.returncode == 2, r.stderr
     assert "needs the Python package 'torch'" in r.stderr and "cmalign[train" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_an_adapter_applies_and_serves_on_the_slim_install(slim_venv, tiny_export, tmp_path):
+    """Trained with the full install, an adapter re-maps stored vectors and its derived export encodes queries
+    without torch; `adapt` itself names the extra."""
+    from cmalign.adapter import AdaptConfig, adapt
+    from cmalign.corpus import EmbedConfig, embed_dataset
+
+    stored = tmp_path / "stored"
+    embed_dataset(EmbedConfig(export=str(tiny_export.out), data="generated:test:100", out=str(stored)))
+    adapter = adapt(AdaptConfig(embeddings=str(stored), out=str(tmp_path / "a"), steps=10, batch_size=32),
+                    show_progress=False).out
+    r = _run(slim_venv, "adapt-apply", str(stored), "--adapter", str(adapter), "--out", str(tmp_path / "mapped"))
+    assert r.returncode == 0, r.stderr
+    r = _run(slim_venv, "index", str(tmp_path / "mapped"), "--out", str(tmp_path / "idx"))
+    assert r.returncode == 0, r.stderr
+    r = _run(slim_venv, "search", str(tmp_path / "idx"), "--text", "a red circle", "-k", "3", "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)[0]["hits"]) == 3, r.stderr
+    r = _run(slim_venv, "adapt", str(stored), "--out", str(tmp_path / "a2"))
+    assert r.returncode == 2 and "cmalign[train" in r.stderr and "Traceback" not in r.stderr, r.stderr
