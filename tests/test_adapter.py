@@ -150,6 +150,8 @@ def test_resume_after_an_interruption_is_exact(stored, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 26))  # rows after the checkpoint (11-17) redone once, not doubled
+    with pytest.raises(Exception, match="finished adapter \\(nothing to resume\\)"):  # never retrained over
+        adapt(_cfg(stored, tmp_path / "resumed", steps=25), resume=True, show_progress=False)
 
 
 def test_bad_embeddings_are_refused_naming_file_and_row(stored, tmp_path):

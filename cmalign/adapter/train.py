@@ -71,8 +71,9 @@ def _checkpoints(out: Path) -> list[Path]:
 def _open(cfg: AdaptConfig, resume: bool) -> dict | None:
     """Start ``cfg.out`` or resume it; returns the checkpoint to resume from (None: start at step 0)."""
     out = Path(cfg.out)
-    if (out / "manifest.json").is_file() and not resume:
-        raise OutputExistsError(f"{out} holds a finished adapter; choose another --out")
+    if (out / "manifest.json").is_file():
+        raise OutputExistsError(f"{out} holds a finished adapter{' (nothing to resume)' if resume else ''}; choose "
+                                "another --out")
     if out.exists() and any(out.iterdir()) and not resume:
         raise OutputExistsError(f"{out} exists and is not empty; pass --resume to continue the adapter run there, "
                                 "or choose another --out")
