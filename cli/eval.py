@@ -17,7 +17,8 @@ HELP = (
     "clustering (KMeans and HDBSCAN ARI/NMI), zero-shot accuracy and caption-prefix quality (CIDEr-D, BLEU-4), "
     "optionally beside the post-hoc fixes (mean-centring, Liang's shift, Procrustes).\n\n"
     "SOURCE is a `cmalign fit` run (evaluated in torch, against the model it started from), an export directory "
-    "(evaluated through onnxruntime), or an open_clip model directory; or give --model/--pretrained. Writes "
+    "(evaluated through onnxruntime), an adapter directory (its derived export, against the adapter's base export), "
+    "or an open_clip model directory; or give --model/--pretrained. Writes "
     "OUT/metrics.json, OUT/report.md and PNG figures, and prints a summary. With no --data it uses the generated "
     "validation split, and fits the caption decoder and post-hoc fixes on the generated train split."
 )
@@ -32,7 +33,7 @@ def _split(value: str | None) -> tuple[str, ...]:
 
 
 def eval_command(
-    source: Annotated[str | None, typer.Argument(help="A run, export or open_clip model directory.",
+    source: Annotated[str | None, typer.Argument(help="A run, export, adapter or open_clip model directory.",
                                                  show_default=False)] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="open_clip model name instead of SOURCE "
                      "(cmalign-tiny uses the embedded base unless --pretrained says otherwise).")] = None,
