@@ -181,3 +181,15 @@ def test_cli_adapt_prints_the_before_after_table(stored, tmp_path):
     r = CliRunner().invoke(app, ["adapt-apply", str(stored), "--adapter", str(tmp_path / "nothing"), "--out",
                                  str(tmp_path / "m2")])
     assert r.exit_code != 0 and "not a finished `cmalign adapt` directory" in r.output
+
+
+def test_eval_of_an_adapter_compares_it_with_its_base_export(both, tmp_path):
+    from cmalign.evaluation import EvalConfig, evaluate
+
+    r = evaluate(EvalConfig(source=str(both.out), tasks=("gap", "mixcorpus"), max_images=200, figures=False,
+                            bootstrap=0, out=str(tmp_path / "rep")), log=lambda m: None)
+    m = r.metrics
+    assert m["baseline"]["role"] == "the adapter's base export"
+    assert m["comparison"]["systems"]["model"]["gap_reduction"]["raw"] > 0.3
+    model, base = m["systems"]["model"]["mixcorpus"], m["systems"]["baseline"]["mixcorpus"]
+    assert model["ndcg_range"] < base["ndcg_range"]  # the base sags between p = 0 and 1; the adapted space less
