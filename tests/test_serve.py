@@ -326,6 +326,30 @@ def test_a_bounded_load_of_valid_and_invalid_requests_gets_no_5xx(server, query_
     assert total >= 200 and count < total
 
 
+def test_concurrent_embeds_are_batched_and_each_gets_its_own_vector(server, aligned_index):
+    """/v1/embed goes through the micro-batcher with the searches: concurrent texts share onnxruntime calls, and
+    every caller still gets the vector of its own text."""
+    from cmalign.export.runtime import ExportedModel
+
+    texts = [f"{n} small {c} rings" for n in ("one", "two", "three") for c in ("red", "blue", "green", "pink")] * 4
+    metrics = server.request("GET", "/metrics")[1].decode()
+    before = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines() if line[:1] != "#"}
+
+    def embed(text):
+        status, body, _ = server.request("POST", "/v1/embed", json.dumps({"text": text}).encode(),
+                                         {"Content-Type": "application/json"})
+        assert status == 200, body
+        return json.loads(body)["vector"]
+
+    with ThreadPoolExecutor(16) as pool:
+        vectors = np.array(list(pool.map(embed, texts)), np.float32)
+    np.testing.assert_allclose(vectors, ExportedModel(aligned_index["export"]).encode_texts(texts), atol=1e-5)
+    metrics = server.request("GET", "/metrics")[1].decode()
+    after = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines() if line[:1] != "#"}
+    batches = after["cmalign_batch_size_count"] - before["cmalign_batch_size_count"]
+    assert after["cmalign_batch_size_sum"] - before["cmalign_batch_size_sum"] == len(texts) and batches < len(texts)
+
+
 def test_a_full_queue_answers_503_with_retry_after(aligned_index):
     s = Server(str(aligned_index["index"]), "--queue-size", "1", "--max-batch", "1", "--max-wait-ms", "0", "-q")
     try:

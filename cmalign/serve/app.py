@@ -286,10 +286,9 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
         if (req.text is None) == (req.image is None):
             raise BadInput("text", "give exactly one of text, image")
         if req.text is not None:
-            v = await run_in_threadpool(idx.encode, "text", inputs.text(req.text, "text", cfg.max_text_chars))
+            v = await idx.embed("text", inputs.text(req.text, "text", cfg.max_text_chars))
         else:
-            p = await pixels(idx, inputs.image_bytes(req.image, "image"), "image")
-            v = await run_in_threadpool(idx.encode, "image", p)
+            v = await idx.embed("image", await pixels(idx, inputs.image_bytes(req.image, "image"), "image"))
         return {"index": idx.name, "dim": idx.dim, "vector": [float(x) for x in v]}
 
     # -- corpus images: only paths the index records ------------------------------------------------------

@@ -21,6 +21,7 @@ class Query:
     value: object  # str | (3, H, W) float32 pixels | (dim,) float32 unit vector
     k: int
     modality: str
+    search: bool = True  # False: /v1/embed, the vector only (batched with the searches all the same)
 
 
 class UnknownIndex(KeyError):
@@ -65,9 +66,9 @@ class ServedIndex:
         t1 = time.perf_counter()
         if texts or images:
             self.metrics.observe_stage("encode", t1 - t0)
-        out: list = [None] * len(queries)
-        for modality in {q.modality for q in queries}:
-            rows = [i for i, q in enumerate(queries) if q.modality == modality]
+        out: list = [None if q.search else vectors[i].copy() for i, q in enumerate(queries)]
+        for modality in {q.modality for q in queries if q.search}:
+            rows = [i for i, q in enumerate(queries) if q.search and q.modality == modality]
             k = max(queries[i].k for i in rows)
             scores, ids = self.index.search(vectors[rows], k, modality)
             for j, i in enumerate(rows):
@@ -85,11 +86,10 @@ class ServedIndex:
         self.metrics.observe_stage("metadata", time.perf_counter() - t0)
         return hits
 
-    def encode(self, kind: str, value) -> np.ndarray:
-        t0 = time.perf_counter()
-        v = self.model.encode_texts([value]) if kind == "text" else self.model.encode_pixels(value[None])
-        self.metrics.observe_stage("encode", time.perf_counter() - t0)
-        return v[0]
+    async def embed(self, kind: str, value) -> np.ndarray:
+        """A text's or preprocessed image's vector, micro-batched with concurrent queries (and bounded by the
+        same queue)."""
+        return await self.batcher.submit(Query(kind, value, 0, "any", search=False))
 
     def vector_of(self, item_id: int, field: str = "id") -> np.ndarray:
         """The stored vector of an item ("more like this"); an index that cannot give vectors back says so."""
