@@ -3,6 +3,7 @@ re-map stored embeddings with :func:`cmalign.adapter.apply.apply_adapter`."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 import typer
@@ -57,12 +58,9 @@ def adapt_command(
 
     cfg = AdaptConfig(embeddings=embeddings, out=out, kind=kind, rank=rank, export=export,
                       alpha_target=alpha_target, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                      checkpoint_every=checkpoint_every, threads=threads)
-    cfg.loss.lambda_paired = lambda_paired
-    if scheduler is not None:
-        cfg.scheduler.mode = scheduler
-        cfg.scheduler.__post_init__()
-    cfg.loss.__post_init__()
+                      checkpoint_every=checkpoint_every, threads=threads,
+                      loss=replace(_D.loss, lambda_paired=lambda_paired),  # replace() validates the section
+                      scheduler=replace(_D.scheduler, mode=scheduler or _D.scheduler.mode))
     console = Console(stderr=True)
     result = adapt(cfg, resume=resume, console=console, show_progress=not quiet)
     if result.before and not quiet:

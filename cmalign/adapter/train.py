@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -65,7 +64,7 @@ def _base_export(cfg: AdaptConfig, pairs: PairedVectors) -> Path:
 
 
 def _checkpoints(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step_*.pt"), key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
+    return sorted((out / "checkpoints").glob("step_*.pt"))  # step numbers are zero-padded: name order is step order
 
 
 def _open(cfg: AdaptConfig, resume: bool) -> dict | None:
@@ -89,20 +88,19 @@ def _open(cfg: AdaptConfig, resume: bool) -> dict | None:
     return torch.load(ckpts[-1], map_location="cpu", weights_only=False) if ckpts else None
 
 
-def _evaluate(model, pairs: PairedVectors, images: np.ndarray) -> dict:
+def _evaluate(model, held: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict:
     """Gap measures and R@1 of the held-out pairs (each image against its first caption for the gap)."""
-    from cmalign.metrics.gap import gap_report
+    from cmalign.metrics.gap import first_caption_index, gap_report
     from cmalign.metrics.retrieval import retrieval_metrics
 
-    img, txt, cap_img = pairs.held_out(images)
+    img, txt, cap_img = held
     with torch.no_grad():
         fi, ft, _ = model(torch.from_numpy(img), torch.from_numpy(txt))
     fi, ft = fi.numpy(), ft.numpy()
-    first = np.unique(cap_img, return_index=True)[1]
-    g = gap_report(fi, ft[first])
+    g = gap_report(fi, ft[first_caption_index(cap_img)])
     r = retrieval_metrics(fi, ft, cap_img)
     return {"raw_gap": g.raw, "centroid_gap": g.centroid, "mmd2": g.mmd2, "paired_residual": g.paired_residual,
-            "r1_i2t": r["i2t_R@1"], "r1_t2i": r["t2i_R@1"], "images": int(len(images)), "captions": int(len(txt))}
+            "r1_i2t": r["i2t_R@1"], "r1_t2i": r["t2i_R@1"], "images": int(len(img)), "captions": int(len(txt))}
 
 
 def adapt(cfg: AdaptConfig, resume: bool = False, console=None, show_progress: bool = True) -> AdaptResult:
@@ -160,7 +158,8 @@ def adapt(cfg: AdaptConfig, resume: bool = False, console=None, show_progress: b
         if blocks is not None:
             blocks.load_state_dict(state["blocks"])
         start = int(state["step"])
-    before = _evaluate(AlignmentAdapter(pairs.dim, cfg.kind, cfg.rank), pairs, val_images) if len(val_images) else {}
+    held = pairs.held_out(val_images) if len(val_images) else None  # read once for the before and after figures
+    before = _evaluate(AlignmentAdapter(pairs.dim, cfg.kind, cfg.rank), held) if held else {}
     _keep_metrics_until(out / "metrics.jsonl", start)
     console.print(f"adapting {pairs.images.n} images / {pairs.texts.n} captions (d = {pairs.dim}) from "
                   f"{pairs.path}: kind {cfg.kind}, rank {cfg.rank or 'full'}, α {cfg.alpha_target}, {cfg.steps} steps"
@@ -201,10 +200,9 @@ def adapt(cfg: AdaptConfig, resume: bool = False, console=None, show_progress: b
     train_seconds = time.time() - t_train
     weights = AdapterWeights({f"{t}.{n}": p.detach().numpy().copy() for t, m in model.towers().items()
                               for n, p in m.named_parameters()})
-    with atomic_write(out / "adapter.npz", "wb") as f:
-        np.savez(f, **weights.arrays)
+    weights.save(out)
     model.eval()
-    after = _evaluate(model, pairs, val_images) if len(val_images) else {}
+    after = _evaluate(model, held) if held else {}
     write_json(out / "summary.json", {"before": before, "after": after,
                                       "held_out": "images held out of training, with all their captions"})
     manifest = {"kind": KIND, "cmalign_version": cmalign.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

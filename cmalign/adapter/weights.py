@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cmalign.artifacts.atomic import atomic_write
 from cmalign.errors import CmalignError
 
 WEIGHTS_FILE = "adapter.npz"
@@ -34,8 +35,9 @@ class AdapterWeights:
         with np.load(path) as z:
             return cls({k: np.asarray(z[k], np.float32) for k in z.files})
 
-    def save(self, path: Path) -> None:
-        with open(path, "wb") as f:
+    def save(self, adapter_dir: str | Path) -> None:
+        """Write ``adapter_dir/adapter.npz`` atomically."""
+        with atomic_write(Path(adapter_dir) / WEIGHTS_FILE, "wb") as f:
             np.savez(f, **self.arrays)
 
     def apply(self, tower: str, x: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 from cmalign.evaluation.captioning.config import DecoderConfig
 from cmalign.evaluation.datasets import EvalData
 from cmalign.evaluation.system_embeddings import SystemEmbeddings
-from cmalign.metrics import clustering, gap, gap_intervals, intervals, retrieval, zeroshot
+from cmalign.metrics import clustering, gap, gap_intervals, intervals, mixcorpus, retrieval, zeroshot
 from cmalign.metrics.bootstrap import bootstrap, counts
 
 
@@ -169,13 +169,10 @@ class MixedCorpusEvaluator(Evaluator):
                       "document is in)",
         "ndcg_sag": "mean of the two ends − the lowest inner point: > 0 is the U an unaligned space draws",
     }
-    no_ci = {"image_documents_p=0": SIZE, "image_documents_p=0.25": SIZE, "image_documents_p=0.5": SIZE,
-             "image_documents_p=0.75": SIZE, "image_documents_p=1": SIZE}
+    no_ci = {f"image_documents_p={p:g}": SIZE for p in mixcorpus.DEFAULT_PS}
 
     def __call__(self, e, data, progress=None) -> dict:
-        from cmalign.metrics.mixcorpus import mixed_corpus_ndcg
-
-        out, each = mixed_corpus_ndcg(e.image, e.text, data.eval.caption_image, data.eval.captions, k=self.k,
+        out, each = mixcorpus.mixed_corpus_ndcg(e.image, e.text, data.eval.caption_image, data.eval.captions, k=self.k,
                                       seed=self.bootstrap_seed, per_query=True)
         names = list(each)
         values = np.stack([each[m] for m in names])

@@ -95,9 +95,9 @@ class JointIndex:
             raise IndexFormatError(f"{self.path}: {len(self.ids)} rows in {IDS_FILE} but {self.index.ntotal} vectors "
                                    f"in {file.name}; the directory was changed after it was written")
         self.dim = int(self.manifest["dim"])
-        self._modality = self.ids["modality"].to_numpy()
         # a Hit's fields as plain arrays: a pandas row per hit (.iloc) cost ~45 µs, half of a served query's time
         self._hit_columns = {c: self.ids[c].to_numpy() for c in _HIT_COLUMNS}
+        self._modality = self._hit_columns["modality"]
         self._bitmaps: dict[str, np.ndarray] = {}
         self.gpu_index = None
         if gpu:
