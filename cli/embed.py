@@ -41,26 +41,48 @@ def embed_command(
     caption_column: Annotated[str, typer.Option(help="Caption column/field.")] = _R.caption_column,
     label_column: Annotated[str, typer.Option(help="Optional class-name column/field.")] = _R.label_column,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo a shard that is already done.")] = False,
+    engine: Annotated[str, typer.Option(help="local (this process) or ray (a Ray Data pipeline on a Ray cluster; "
+                      "needs the ray extra). See docs/cluster.md.")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray: auto (the cluster this machine joined with `ray start`), "
+                       "ray://HOST:10001 or HOST:6379. (default: a Ray instance started for this command)")] = None,
+    actors: Annotated[int, typer.Option(help="Ray: encoder actors, one onnxruntime session each.")] = 2,
+    shards: Annotated[int | None, typer.Option(help="Ray: shards to write; finished ones survive an interruption. "
+                      "(default: one per 100,000 images)")] = None,
+    cpus_per_actor: Annotated[float | None, typer.Option(help="Ray: CPUs each actor asks for (and its onnxruntime "
+                              "threads). (default: 1 with a GPU, else a share leaving room for decoding)")] = None,
+    gpus_per_actor: Annotated[float | None, typer.Option(help="Ray: GPUs each actor asks for. (default: 1 with "
+                              "--provider cuda, else 0)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ):
     from rich.console import Console
     from rich.markup import escape
 
+    from cmalign.cluster.connect import RayOptions
     from cmalign.corpus.embed import EmbedConfig, embed_dataset
 
     console = Console()
     cfg = EmbedConfig(export=export, data=data, out=out, shard=shard, provider=provider, variant=variant,
                       batch_size=batch_size, workers=workers, threads=threads, dtype=dtype, format=data_format,
                       image_root=image_root, csv_separator=csv_separator, image_column=image_column,
-                      caption_column=caption_column, label_column=label_column, overwrite=overwrite)
+                      caption_column=caption_column, label_column=label_column, overwrite=overwrite,
+                      engine=engine, shards=shards, cluster=RayOptions(address=address, actors=actors,
+                                                                       cpus_per_actor=cpus_per_actor,
+                                                                       gpus_per_actor=gpus_per_actor))
     progress, report = stage_progress(quiet, console, label=lambda kind: f"embedding {kind}")
     with progress:
-        result = embed_dataset(cfg, progress=report)
+        result = embed_dataset(cfg, progress=report,
+                               log=None if quiet else lambda m: progress.console.print(escape(m), highlight=False))
     if quiet:
         return
     i, n = result.shard
     where = escape(str(result.out))
-    console.print(f"shard {i}/{n}: {result.images} images, {result.texts} texts, {len(result.skipped)} skipped "
+    if engine == "ray" and not result.shards_written:
+        console.print(f"nothing to do: all {n} shard(s) of {where} are done and merged", soft_wrap=True,
+                      highlight=False)
+        return
+    what = (f"shard(s) {', '.join(map(str, result.shards_written))} of {n} on Ray" if engine == "ray"
+            else f"shard {i}/{n}")
+    console.print(f"{what}: {result.images} images, {result.texts} texts, {len(result.skipped)} skipped "
                   f"({result.seconds:.1f} s, of which {result.setup_seconds:.1f} s loading; "
                   f"{(result.images + result.texts) / max(result.seconds - result.setup_seconds, 1e-9):.0f} "
                   f"embeddings/s) → {where}", soft_wrap=True, highlight=False)

@@ -59,11 +59,18 @@ def sweep_command(
     seed: Annotated[int, typer.Option(help="Seed of every run and evaluation.")] = _D.seed,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again in an OUT that holds a sweep with "
                          "other settings.")] = False,
+    engine: Annotated[str, typer.Option(help="local (processes on this machine, see --jobs) or ray (each run a Ray "
+                      "task; needs the ray extra). See docs/cluster.md.")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray: auto, ray://HOST:10001 or HOST:6379. (default: a Ray "
+                       "instance started for this command)")] = None,
+    cpus_per_run: Annotated[float, typer.Option(help="Ray: CPUs each run asks for (its torch threads).")] = 1.0,
+    gpus_per_run: Annotated[float, typer.Option(help="Ray: GPUs each run asks for.")] = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only print errors.")] = False,
 ):
     from rich.console import Console
     from rich.markup import escape
 
+    from cmalign.cluster.connect import RayOptions
     from cmalign.sweep.run import SweepError, sweep
     from cmalign.train.config import parse_set
 
@@ -71,7 +78,9 @@ def sweep_command(
     cfg = SweepConfig(alphas=_alphas(alphas), out=out, data=data, val=val, model=model, pretrained=pretrained,
                       steps=steps, fit_overrides=parse_set(set_ or []), max_zeroshot_drop=max_zeroshot_drop,
                       select=select, jobs=jobs, baselines=baselines, max_images=max_images,
-                      fit_images=fit_images, decoder_epochs=decoder_epochs, seed=seed, overwrite=overwrite)
+                      fit_images=fit_images, decoder_epochs=decoder_epochs, seed=seed, overwrite=overwrite,
+                      engine=engine, cluster=RayOptions(address=address, cpus_per_run=cpus_per_run,
+                                                        gpus_per_run=gpus_per_run))
     if select not in ("gap", "ari", "cider"):
         raise SweepError(f"--select must be gap, ari or cider, got {select!r}")
     result = sweep(cfg, log=(lambda msg: None) if quiet else (lambda msg: console.log(escape(msg))))

@@ -25,6 +25,7 @@ import numpy as np
 import cmalign
 from cmalign.artifacts.atomic import atomic_write, staging_dir, write_json
 from cmalign.artifacts.outputs import refuse_inputs
+from cmalign.cluster.connect import RayOptions
 from cmalign.corpus.store import (
     EmbeddingsError,
     check_compatible,
@@ -61,6 +62,9 @@ class EmbedConfig(ReaderOptions):
     threads: int | None = None  # onnxruntime intra-op threads (default: onnxruntime's)
     dtype: str = "float32"  # or float16, to halve the files
     overwrite: bool = False
+    engine: str = "local"  # or "ray": the same directory, computed on a Ray cluster (cmalign.cluster.embed)
+    shards: int | None = None  # ray: shards the run writes (default: one per 100,000 images)
+    cluster: RayOptions = field(default_factory=RayOptions)  # ray: where, and what each actor asks for
 
 
 @dataclass
@@ -73,6 +77,7 @@ class EmbedResult:
     seconds: float = 0.0  # wall time of the whole call
     setup_seconds: float = 0.0  # of which: loading the export (checksums, sessions) and reading the data set
     merged: dict | None = None  # the merged manifest, once every shard is there
+    shards_written: list[int] = field(default_factory=list)  # by this call (ray: the missing ones; [] = nothing to do)
 
 
 @dataclass
@@ -119,14 +124,26 @@ def _image_path(r: Record) -> str:
     return r.image if isinstance(r.image, str) else str(getattr(r.image, "path", "") or r.key)
 
 
-def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | None = None) -> EmbedResult:
-    """Embed one shard of ``cfg.data`` with ``cfg.export``; merge when every shard is done."""
-    t0 = time.time()
-    index, n = parse_shard(cfg.shard)
+def check_embed_settings(cfg: EmbedConfig) -> None:
+    if cfg.engine not in ("local", "ray"):
+        raise ConfigError(f"--engine must be local or ray, got {cfg.engine!r}")
     if cfg.dtype not in ("float32", "float16"):
         raise ConfigError(f"dtype must be float32 or float16, got {cfg.dtype!r}")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {cfg.batch_size}")
+
+
+def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | None = None,
+                  log: Callable[[str], None] | None = None) -> EmbedResult:
+    """Embed one shard of ``cfg.data`` with ``cfg.export`` (``engine="ray"``: every missing shard, on a Ray
+    cluster); merge when every shard is done."""
+    if cfg.engine == "ray":
+        from cmalign.cluster.embed import embed_on_ray
+
+        return embed_on_ray(cfg, progress, log)
+    t0 = time.time()
+    index, n = parse_shard(cfg.shard)
+    check_embed_settings(cfg)
     # shards written into the export, or into a folder data set, would mix with what they are read from
     refuse_inputs(cfg.out, [cfg.export, cfg.data if cfg.data and Path(cfg.data).is_dir() else None])
     model = ExportedModel(cfg.export, provider=cfg.provider, variant=cfg.variant, threads=cfg.threads)
@@ -135,35 +152,85 @@ def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | 
     pairs, skipped, data_desc = read_corpus(cfg)
     setup_seconds = time.time() - t0
 
-    identity = {"export": str(Path(cfg.export).resolve()), "export_fingerprint": model.fingerprint,
-                "model": {k: model.manifest.get(k) for k in ("alpha_target", "config_hash")} |
-                         {"source": model.manifest.get("source", {}).get("open_clip_name")},
-                "variant": cfg.variant, "embed_dim": model.embed_dim, "dtype": cfg.dtype, "data": data_desc,
-                "num_shards": n}
+    identity = shard_identity(cfg, model, data_desc, n)
     done = read_shard_manifests(out)
+    if index in done and not cfg.overwrite:
+        unmerged = (f"; all {n} shards are there but not merged: `cmalign embed-merge {out}` merges them"
+                    if len(done) == n and not (out / "manifest.json").is_file() else "")
+        raise OutputExistsError(f"{paths['manifest']} exists: shard {index}/{n} is already done "
+                                f"(pass --overwrite to redo it){unmerged}")
+    check_existing_shards(out, done, identity)
+
+    mine = slice_pairs(pairs, index, n)
+    img_emb, img_rows, bad = _embed_images(model, mine, cfg, progress)
+    kept = [p for p in mine if p.pair_id not in bad]
+    txt_emb = _embed_texts(model, [r.caption for p in kept for r in p.captions], cfg, progress)
+    # Samples the reader already skipped belong to no slice: only shard 0 lists (and counts) them, so
+    # the merged total counts each once instead of once per shard.
+    written = write_shard(cfg, identity, index, mine, bad, img_emb, img_rows, txt_emb,
+                          skipped if index == 0 else [], started=t0, setup_seconds=setup_seconds,
+                          providers=model.providers)
+    result = EmbedResult(out=out, shard=(index, n), images=len(img_rows), texts=len(txt_emb),
+                         skipped=written.skipped, seconds=written.seconds, setup_seconds=setup_seconds,
+                         merged=written.merged, shards_written=[index])
+    if result.merged is None:
+        result.merged = merge_if_complete(out, n)
+    return result
+
+
+def shard_identity(cfg: EmbedConfig, model: ExportedModel, data_desc: dict, n: int) -> dict:
+    """What every shard of one directory must share, whichever engine or machine wrote it."""
+    return {"export": str(Path(cfg.export).resolve()), "export_fingerprint": model.fingerprint,
+            "model": {k: model.manifest.get(k) for k in ("alpha_target", "config_hash")} |
+                     {"source": model.manifest.get("source", {}).get("open_clip_name")},
+            "variant": cfg.variant, "embed_dim": model.embed_dim, "dtype": cfg.dtype, "data": data_desc,
+            "num_shards": n}
+
+
+def check_existing_shards(out: Path, done: dict[int, dict], identity: dict) -> None:
     for i, existing in done.items():
-        if i == index and not cfg.overwrite:
-            unmerged = (f"; all {n} shards are there but not merged: `cmalign embed-merge {out}` merges them"
-                        if len(done) == n and not (out / "manifest.json").is_file() else "")
-            raise OutputExistsError(f"{paths['manifest']} exists: shard {index}/{n} is already done "
-                                    f"(pass --overwrite to redo it){unmerged}")
         check_compatible(existing, identity, str(shard_paths(out, i)["manifest"]))
 
-    if index != 0:
-        # Samples the reader already skipped belong to no slice: only shard 0 lists (and counts) them, so
-        # the merged total counts each once instead of once per shard.
-        skipped = []
 
-    mine = pairs[index * len(pairs) // n:(index + 1) * len(pairs) // n]
-    img_emb, img_rows, bad = _embed_images(model, mine, cfg, progress)
+def slice_pairs(pairs: list[_Pair], index: int, n: int) -> list[_Pair]:
+    """The images (with all their captions) of shard ``index`` of ``n``: contiguous, in data set order."""
+    return pairs[index * len(pairs) // n:(index + 1) * len(pairs) // n]
+
+
+def merge_if_complete(out: Path, n: int) -> dict | None:
+    """Merge when every shard is there (another one may have finished meanwhile); None while one is missing."""
+    if len(read_shard_manifests(out)) != n:
+        return None
+    try:
+        return merge_shards(out)
+    except EmbeddingsError:
+        return None  # another shard is still writing; `cmalign embed-merge` finishes the job
+
+
+@dataclass
+class WrittenShard:
+    skipped: list[BadSample]
+    seconds: float
+    merged: dict | None
+
+
+def write_shard(cfg: EmbedConfig, identity: dict, index: int, mine: list[_Pair], bad: dict[int, BadSample],
+                img_emb: np.ndarray, img_rows: list[int], txt_emb: np.ndarray, skipped: list[BadSample], *,
+                started: float, setup_seconds: float, providers: list, engine: dict | None = None) -> WrittenShard:
+    """Write shard ``index`` of ``mine``'s pairs: ``img_emb`` holds the images of ``img_rows`` (the pairs not in
+    ``bad``, in order), ``txt_emb`` their captions in order; ``skipped`` the reader's bad samples (shard 0 only).
+    Both engines write through here, so their directories are the same file for file."""
+    out, n = Path(cfg.out), identity["num_shards"]
+    skipped = list(skipped)
     kept = [p for p in mine if p.pair_id not in bad]
     for p in mine:
         if p.pair_id in bad:
             skipped.append(bad[p.pair_id])
             skipped.extend(BadSample(r.source, "caption", "its image was skipped") for r in p.captions)
     captions = [r for p in kept for r in p.captions]
-    txt_emb = _embed_texts(model, [r.caption for r in captions], cfg, progress)
-
+    if len(txt_emb) != len(captions) or len(img_emb) != len(img_rows):
+        raise EmbeddingsError(f"shard {index}: {len(img_emb)} image and {len(txt_emb)} text embeddings for "
+                              f"{len(img_rows)} images and {len(captions)} captions")
     owner = {p.pair_id: p for p in kept}
     pair_of = {id(r): p.pair_id for p in kept for r in p.captions}
     meta: dict[str, list] = {c: [] for c in ("modality", "row", "pair_id", "image_path", "caption", "label", "key",
@@ -183,24 +250,20 @@ def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | 
         with atomic_write(staged["bad"]) as f:
             for b in skipped:
                 f.write(json.dumps(b.to_dict()) + "\n")
-        seconds = time.time() - t0
+        seconds = time.time() - started
+        settings = {k: v for k, v in asdict(cfg).items()
+                    if k not in ("export", "out", "overwrite", *(() if engine else ("engine", "shards", "cluster")))}
+        settings["shard"] = f"{index}/{n}"
         manifest = {
             **identity, "kind": "cmalign-embeddings-shard", "shard": index, "cmalign_version": cmalign.__version__,
             "rows": {"images": len(img_rows), "texts": len(captions)}, "skipped": len(skipped),
-            "seconds": round(seconds, 2), "setup_seconds": round(setup_seconds, 2), "providers": model.providers,
-            "settings": {k: v for k, v in asdict(cfg).items() if k not in ("export", "out", "overwrite")},
+            "seconds": round(seconds, 2), "setup_seconds": round(setup_seconds, 2), "providers": providers,
+            "settings": settings, **({"engine": engine} if engine else {}),
         }
         write_json(staged["manifest"], manifest)
         merged = _stage_merge(out, stage, index, n, manifest)
         _move_in(stage, out, index, merged is not None)
-    result = EmbedResult(out=out, shard=(index, n), images=len(img_rows), texts=len(captions), skipped=skipped,
-                         seconds=seconds, setup_seconds=setup_seconds, merged=merged)
-    if merged is None and len(read_shard_manifests(out)) == n:  # another shard finished meanwhile
-        try:
-            result.merged = merge_shards(out)
-        except EmbeddingsError:
-            result.merged = None  # another shard is still writing; `cmalign embed-merge` finishes the job
-    return result
+    return WrittenShard(skipped, seconds, merged)
 
 
 def _stage_merge(out: Path, stage: Path, index: int, n: int, manifest: dict) -> dict | None:

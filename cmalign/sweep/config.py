@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from cmalign.cluster.connect import RayOptions
+
 
 @dataclass
 class SweepConfig:
@@ -25,10 +27,13 @@ class SweepConfig:
     fit_images: int = 1000  # eval: images for the caption decoder and post-hoc fits
     decoder_epochs: int = 6
     overwrite: bool = False
+    engine: str = "local"  # or "ray": each run a Ray task (cmalign.cluster.sweep)
+    cluster: RayOptions = field(default_factory=RayOptions)  # ray: the address and each run's cpus/gpus
 
     def identity(self) -> dict:
-        """What makes two sweeps the same (alphas, variants, jobs and the selection may change on a re-run)."""
+        """What makes two sweeps the same (alphas, variants, jobs, engine, selection may change on a re-run)."""
         d = asdict(self)
-        for k in ("alphas", "variants", "jobs", "max_zeroshot_drop", "select", "overwrite", "baselines", "out"):
+        for k in ("alphas", "variants", "jobs", "max_zeroshot_drop", "select", "overwrite", "baselines", "out",
+                  "engine", "cluster"):
             d.pop(k)
         return d

@@ -207,12 +207,22 @@ def sweep(cfg: SweepConfig, log=None) -> SweepResult:
     if wants_base_model(cfg.model or TINY_MODEL, cfg.pretrained):
         say("the embedded base model (built once and cached)")
         ensure_base_model()  # once, before parallel jobs would race for it
-    threads = max(1, (os.cpu_count() or 1) // cfg.jobs) if cfg.jobs > 1 else 0
+    if cfg.engine not in ("local", "ray"):
+        raise SweepError(f"--engine must be local or ray, got {cfg.engine!r}")
+    if cfg.engine == "ray":
+        threads = max(1, round(cfg.cluster.cpus_per_run))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // cfg.jobs) if cfg.jobs > 1 else 0
     jobs = [("fit", cfg, s, out, threads) for s in specs]
     if cfg.baselines:
         jobs.append(("base", cfg, None, out, threads))
     done: list[dict] = []
-    if cfg.jobs == 1:
+    if cfg.engine == "ray":
+        from cmalign.cluster.sweep import run_jobs_on_ray
+
+        done = run_jobs_on_ray(_job, jobs, cfg.cluster, out=str(out), describe=_describe, log=say,
+                               read=[p for p in (cfg.data, cfg.val, cfg.pretrained) if p and Path(p).exists()])
+    elif cfg.jobs == 1:
         for i, job in enumerate(jobs, 1):
             say(f"[{i}/{len(jobs)}] {'base model + post-hoc fixes' if job[0] == 'base' else job[2].name}")
             done.append(_job(job))
