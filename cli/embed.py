@@ -44,7 +44,8 @@ def embed_command(
     engine: Annotated[str, typer.Option(help="local (this process) or ray (a Ray Data pipeline on a Ray cluster; "
                       "needs the ray extra). See docs/cluster.md.")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray: auto (the cluster this machine joined with `ray start`), "
-                       "ray://HOST:10001 or HOST:6379. (default: a Ray instance started for this command)")] = None,
+                       "local (a new instance for this command), ray://HOST:10001 or HOST:6379. (default: the "
+                       "instance running on this machine, else a new one)")] = None,
     actors: Annotated[int, typer.Option(help="Ray: encoder actors, one onnxruntime session each.")] = 2,
     shards: Annotated[int | None, typer.Option(help="Ray: shards to write; finished ones survive an interruption. "
                       "(default: one per 100,000 images)")] = None,

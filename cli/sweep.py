@@ -61,8 +61,8 @@ def sweep_command(
                          "other settings.")] = False,
     engine: Annotated[str, typer.Option(help="local (processes on this machine, see --jobs) or ray (each run a Ray "
                       "task; needs the ray extra). See docs/cluster.md.")] = "local",
-    address: Annotated[str | None, typer.Option(help="Ray: auto, ray://HOST:10001 or HOST:6379. (default: a Ray "
-                       "instance started for this command)")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray: auto, local, ray://HOST:10001 or HOST:6379. (default: "
+                       "the instance running on this machine, else a new one)")] = None,
     cpus_per_run: Annotated[float, typer.Option(help="Ray: CPUs each run asks for (its torch threads).")] = 1.0,
     gpus_per_run: Annotated[float, typer.Option(help="Ray: GPUs each run asks for.")] = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only print errors.")] = False,

@@ -224,15 +224,20 @@ class ImagePreprocessor:
 
     def __call__(self, image) -> np.ndarray:
         """Preprocess one image to a float32 C-contiguous array of shape (3, H, W)."""
+        return self.normalise(self.rgb8(image))
+
+    def rgb8(self, image) -> np.ndarray:
+        """The first half: decode, resize, crop, then RGB, as uint8 (H, W, 3). A quarter of the float32 result's
+        bytes: what a decoding worker sends to an encoding one (`cmalign embed --engine ray`)."""
         if isinstance(image, (str, os.PathLike)):
             with Image.open(image) as im:
-                return self._process(im)
-        return self._process(_as_pil(image))
+                return np.asarray(self._geometry(im).convert("RGB"), dtype=np.uint8)
+        return np.asarray(self._geometry(_as_pil(image)).convert("RGB"), dtype=np.uint8)
 
-    def _process(self, img: Image.Image) -> np.ndarray:
-        img = self._geometry(img).convert("RGB")
-        x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)
-        x = x.transpose(2, 0, 1)
+    def normalise(self, rgb8: np.ndarray) -> np.ndarray:
+        """The second half: uint8 (..., H, W, 3) to normalised float32 (..., 3, H, W), C-contiguous."""
+        x = rgb8.astype(np.float32) / np.float32(255)
+        x = np.moveaxis(x, -1, -3)
         x = (x - self._mean32) / self._std32
         return np.ascontiguousarray(x, dtype=np.float32)
 

@@ -26,8 +26,8 @@ class ClusterError(CmalignError, RuntimeError):
 class RayOptions:
     """Where the work runs and how much each piece asks the cluster for."""
 
-    address: str | None = None  # None: start a Ray instance on this machine for this command; "auto": the running
-    # cluster this machine belongs to (`ray start`); "ray://HOST:10001" or "HOST:6379": that cluster
+    address: str | None = None  # None: Ray's default (the instance `ray start` runs on this machine, else a new one
+    # for this command); "local": always a new one; "auto": the running one; "ray://HOST:10001" or "HOST:6379"
     actors: int = 2  # embed: encoder actors, one onnxruntime session each
     cpus_per_actor: float | None = None  # None: 1 with a GPU, else a share that leaves room for the decode tasks
     gpus_per_actor: float | None = None  # None: 1 with --provider cuda, else 0
@@ -56,12 +56,12 @@ def require_ray():
 
 def _host_port(address: str) -> tuple[str, int] | None:
     """HOST and PORT of an explicit address (``ray://HOST:PORT`` or ``HOST:PORT``); None for ``auto``."""
-    if address == "auto":
+    if address in ("auto", "local"):
         return None
     rest = address.removeprefix("ray://")
     host, sep, port = rest.rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise ConfigError(f"--address {address!r}: expected auto, ray://HOST:PORT or HOST:PORT")
+        raise ConfigError(f"--address {address!r}: expected auto, local, ray://HOST:PORT or HOST:PORT")
     return host.strip("[]"), int(port)
 
 
@@ -80,7 +80,8 @@ def connect(address: str | None, log: Callable[[str], None] | None = None) -> di
                     raise ClusterError(f"cannot reach the Ray cluster at {address} ({e}); is `ray start --head` "
                                        "running there, and is the port open from this machine?") from None
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home from a closed network
-        say(f"connecting to the Ray cluster at {address}" if address else "starting a local Ray instance")
+        say(f"connecting to the Ray cluster at {address}" if address not in (None, "local")
+            else "starting (or joining) the Ray instance on this machine")
         try:
             ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
                      configure_logging=False, ignore_reinit_error=True)

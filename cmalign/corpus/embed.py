@@ -78,6 +78,8 @@ class EmbedResult:
     setup_seconds: float = 0.0  # of which: loading the export (checksums, sessions) and reading the data set
     merged: dict | None = None  # the merged manifest, once every shard is there
     shards_written: list[int] = field(default_factory=list)  # by this call (ray: the missing ones; [] = nothing to do)
+    first_rows: dict | None = None  # ray: {"seconds": from the call's start until the first rows came back (Ray and
+    # its actors starting), "embeddings": in them}; the rate after it is the pipeline's steady rate
 
 
 @dataclass

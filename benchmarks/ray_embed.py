@@ -1,0 +1,123 @@
+"""`cmalign embed --engine ray` against `--engine local` on the same data, side by side on this machine.
+
+    .venv/bin/python benchmarks/ray_embed.py [--work runs/bench-ray] [--repeats 3] [--tiny-images 2000]
+                                             [--vit-images 192]
+
+Two exports: the embedded tiny model (decoding and Python dominate) and ViT-B-32 with random weights (inference
+dominates, as with any real backbone). Each repeat runs, interleaved so that the machine's noise hits all alike,
+each engine in a fresh process: local (`embed_dataset`, decoding threads + one onnxruntime session on every core),
+ray with a new local instance per command (the default: what one `cmalign embed --engine ray` costs), and ray
+joining an instance started once with `ray start --head` (`--address auto`: what a cluster user pays). Throughput
+is embeddings (images + captions) per second of the embedding phase (the call's time less its setup: reading the
+data set, loading the export and, for ray, connecting and the per-node checks); start-up is the setup time. The
+figures are medians over the repeats; the ratio is ray over local. Results: benchmarks/results/ray_embed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+RUN = """
+import json, sys, time
+from cmalign.corpus.embed import EmbedConfig, embed_dataset
+from cmalign.cluster.connect import RayOptions
+t = time.time()
+cfg = EmbedConfig(**json.loads(sys.argv[1]))
+cfg.cluster = RayOptions(**cfg.cluster)
+r = embed_dataset(cfg)
+print(json.dumps({"wall": time.time() - t, "seconds": r.seconds, "setup": r.setup_seconds,
+                  "embeddings": r.images + r.texts, "first_rows": r.first_rows}))
+"""
+
+
+def _export(work: Path, name: str, model: str, pretrained: str) -> Path:
+    out = work / name
+    if not (out / "manifest.json").is_file():
+        subprocess.run([str(VENV_BIN / "cmalign"), "export", "--model", model, "--pretrained", pretrained, "--out",
+                        str(out), "--retrieval-images", "0", "-q"], check=True)
+    return out
+
+
+def _once(export: Path, data: str, out: Path, engine: str, address: str | None, batch: int) -> dict:
+    cfg = {"export": str(export), "data": data, "out": str(out), "batch_size": batch, "engine": engine,
+           "overwrite": True, "cluster": {"address": address, "actors": 2}, "shards": 1 if engine == "ray" else None}
+    r = subprocess.run([sys.executable, "-c", RUN, json.dumps(cfg)], capture_output=True, text=True,
+                       env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    if r.returncode:
+        raise SystemExit(f"{engine} run failed:\n{r.stderr[-3000:]}")
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    d["rate"] = d["embeddings"] / max(d["seconds"] - d["setup"], 1e-9)
+    # steady: after the first rows came back (ray: Ray Data and the actors started); local has no such wait
+    first = d["first_rows"] or {"seconds": d["setup"], "embeddings": 0}
+    d["steady_rate"] = (d["embeddings"] - first["embeddings"]) / max(d["seconds"] - first["seconds"], 1e-9)
+    d["first_rows_s"] = first["seconds"]
+    return d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="runs/bench-ray")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tiny-images", type=int, default=2000)
+    ap.add_argument("--vit-images", type=int, default=192)
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    setups = {"cmalign-tiny": (_export(work, "tiny-export", "cmalign-tiny", "cmalign-base"),
+                               f"generated:val:{args.tiny_images}", 64),
+              "ViT-B-32": (_export(work, "vit-b32-export", "ViT-B-32", "random"),
+                           f"generated:val:{args.vit_images}", 32)}
+    engines = {"local": ("local", None), "ray (new instance)": ("ray", "local"),
+               "ray (running cluster)": ("ray", "auto")}
+    subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], capture_output=True)
+    t = time.time()
+    subprocess.run([str(VENV_BIN / "ray"), "start", "--head", "--num-cpus", str(os.cpu_count()),
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True)
+    ray_start = time.time() - t
+    runs: dict[str, dict[str, list[dict]]] = {s: {e: [] for e in engines} for s in setups}
+    try:
+        for rep in range(args.repeats):
+            for setup, (export, data, batch) in setups.items():
+                for engine, (name, address) in engines.items():
+                    d = _once(export, data, work / "out" / setup / name, name, address, batch)
+                    runs[setup][engine].append(d)
+                    print(f"[{rep + 1}/{args.repeats}] {setup:12s} {engine:22s} {d['rate']:8.0f} embeddings/s "
+                          f"({d['steady_rate']:.0f} steady), setup {d['setup']:.1f} s, first rows at "
+                          f"{d['first_rows_s']:.1f} s, wall {d['wall']:.1f} s", flush=True)
+    finally:
+        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], capture_output=True)
+    summary = {}
+    for setup, by_engine in runs.items():
+        med = {e: {k: statistics.median(r[k] for r in rs)
+                   for k in ("rate", "steady_rate", "setup", "first_rows_s", "wall")}
+               for e, rs in by_engine.items()}
+        for e in engines:
+            if e != "local":
+                med[e]["rate_vs_local"] = med[e]["rate"] / med["local"]["rate"]
+                med[e]["steady_vs_local"] = med[e]["steady_rate"] / med["local"]["steady_rate"]
+                med[e]["extra_setup_s"] = med[e]["setup"] - med["local"]["setup"]
+        summary[setup] = med
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "repeats": args.repeats,
+              "actors": 2, "ray_start_head_s": round(ray_start, 2), "data": {s: v[1] for s, v in setups.items()},
+              "median": summary, "runs": runs}
+    out = Path(__file__).parent / "results" / "ray_embed.json"
+    out.write_text(json.dumps(result, indent=1))
+    for setup, med in summary.items():
+        for e, m in med.items():
+            extra = (f"  ×{m['rate_vs_local']:.2f} of local (steady ×{m['steady_vs_local']:.2f}), first rows at "
+                     f"{m['first_rows_s']:.1f} s" if "rate_vs_local" in m else "")
+            print(f"{setup:12s} {e:22s} {m['rate']:8.0f} embeddings/s, {m['steady_rate']:.0f} steady (median){extra}")
+    print(f"`ray start --head`: {ray_start:.1f} s; results: {out}")
+
+
+if __name__ == "__main__":
+    main()
