@@ -6,11 +6,13 @@
 Two exports: the embedded tiny model (decoding and Python dominate) and ViT-B-32 with random weights (inference
 dominates, as with any real backbone). Each repeat runs, interleaved so that the machine's noise hits all alike,
 each engine in a fresh process: local (`embed_dataset`, decoding threads + one onnxruntime session on every core),
-ray with a new local instance per command (the default: what one `cmalign embed --engine ray` costs), and ray
+ray with a new local instance per command (`--address local`: what one command on a bare machine costs), and ray
 joining an instance started once with `ray start --head` (`--address auto`: what a cluster user pays). Throughput
-is embeddings (images + captions) per second of the embedding phase (the call's time less its setup: reading the
-data set, loading the export and, for ray, connecting and the per-node checks); start-up is the setup time. The
-figures are medians over the repeats; the ratio is ray over local. Results: benchmarks/results/ray_embed.json.
+is embeddings (images + captions) per second, end to end (the whole call) and while running (ray: from the first
+actor's first batch to the last batch's end, as the actors stamp them; local: the embedding phase, its session
+loaded during setup). Start-up is the time before that (ray: connecting, the per-node checks, Ray Data starting
+and each actor loading its session). Medians over the repeats; ratios are ray over local. Results:
+benchmarks/results/ray_embed.json.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ cfg = EmbedConfig(**json.loads(sys.argv[1]))
 cfg.cluster = RayOptions(**cfg.cluster)
 r = embed_dataset(cfg)
 print(json.dumps({"wall": time.time() - t, "seconds": r.seconds, "setup": r.setup_seconds,
-                  "embeddings": r.images + r.texts, "first_rows": r.first_rows}))
+                  "embeddings": r.images + r.texts, "encoding": r.encoding}))
 """
 
 
@@ -55,11 +57,12 @@ def _once(export: Path, data: str, out: Path, engine: str, address: str | None, 
     if r.returncode:
         raise SystemExit(f"{engine} run failed:\n{r.stderr[-3000:]}")
     d = json.loads(r.stdout.strip().splitlines()[-1])
-    d["rate"] = d["embeddings"] / max(d["seconds"] - d["setup"], 1e-9)
-    # steady: after the first rows came back (ray: Ray Data and the actors started); local has no such wait
-    first = d["first_rows"] or {"seconds": d["setup"], "embeddings": 0}
-    d["steady_rate"] = (d["embeddings"] - first["embeddings"]) / max(d["seconds"] - first["seconds"], 1e-9)
-    d["first_rows_s"] = first["seconds"]
+    # end to end: the whole call, start-up included; running: while the encoders run (ray: from the first actor's
+    # first batch to the last one's end; local: the embedding phase, its session loaded during setup)
+    d["rate"] = d["embeddings"] / d["seconds"]
+    first, last = d["encoding"] or (d["setup"], d["seconds"])
+    d["running_rate"] = d["embeddings"] / max(last - first, 1e-9)
+    d["startup_s"] = first
     return d
 
 
@@ -90,21 +93,21 @@ def main() -> None:
                 for engine, (name, address) in engines.items():
                     d = _once(export, data, work / "out" / setup / name, name, address, batch)
                     runs[setup][engine].append(d)
-                    print(f"[{rep + 1}/{args.repeats}] {setup:12s} {engine:22s} {d['rate']:8.0f} embeddings/s "
-                          f"({d['steady_rate']:.0f} steady), setup {d['setup']:.1f} s, first rows at "
-                          f"{d['first_rows_s']:.1f} s, wall {d['wall']:.1f} s", flush=True)
+                    print(f"[{rep + 1}/{args.repeats}] {setup:12s} {engine:22s} {d['rate']:6.0f} embeddings/s end to "
+                          f"end, {d['running_rate']:6.0f} running; start-up {d['startup_s']:.1f} s of "
+                          f"{d['seconds']:.1f} s", flush=True)
     finally:
         subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], capture_output=True)
     summary = {}
     for setup, by_engine in runs.items():
         med = {e: {k: statistics.median(r[k] for r in rs)
-                   for k in ("rate", "steady_rate", "setup", "first_rows_s", "wall")}
+                   for k in ("rate", "running_rate", "setup", "startup_s", "wall")}
                for e, rs in by_engine.items()}
         for e in engines:
             if e != "local":
                 med[e]["rate_vs_local"] = med[e]["rate"] / med["local"]["rate"]
-                med[e]["steady_vs_local"] = med[e]["steady_rate"] / med["local"]["steady_rate"]
-                med[e]["extra_setup_s"] = med[e]["setup"] - med["local"]["setup"]
+                med[e]["running_vs_local"] = med[e]["running_rate"] / med["local"]["running_rate"]
+                med[e]["extra_startup_s"] = med[e]["startup_s"] - med["local"]["startup_s"]
         summary[setup] = med
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "repeats": args.repeats,
               "actors": 2, "ray_start_head_s": round(ray_start, 2), "data": {s: v[1] for s, v in setups.items()},
@@ -113,9 +116,10 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1))
     for setup, med in summary.items():
         for e, m in med.items():
-            extra = (f"  ×{m['rate_vs_local']:.2f} of local (steady ×{m['steady_vs_local']:.2f}), first rows at "
-                     f"{m['first_rows_s']:.1f} s" if "rate_vs_local" in m else "")
-            print(f"{setup:12s} {e:22s} {m['rate']:8.0f} embeddings/s, {m['steady_rate']:.0f} steady (median){extra}")
+            extra = (f"  ×{m['rate_vs_local']:.2f} of local end to end, ×{m['running_vs_local']:.2f} running, "
+                     f"+{m['extra_startup_s']:.1f} s start-up" if "rate_vs_local" in m else "")
+            print(f"{setup:12s} {e:22s} {m['rate']:6.0f} / {m['running_rate']:6.0f} embeddings/s end to end / "
+                  f"running (median){extra}")
     print(f"`ray start --head`: {ray_start:.1f} s; results: {out}")
 
 

@@ -33,6 +33,7 @@ from cmalign.cluster.connect import (
     require_ray,
 )
 from cmalign.corpus.embed import (
+    SESSION_CONFIG,
     EmbedConfig,
     EmbedResult,
     check_embed_settings,
@@ -74,13 +75,15 @@ class _Encoder:
         import socket
 
         s = settings
-        self.model = ExportedModel(s["export"], provider=s["provider"], variant=s["variant"], threads=s["threads"])
+        self.model = ExportedModel(s["export"], provider=s["provider"], variant=s["variant"], threads=s["threads"],
+                                   session_config=SESSION_CONFIG)  # decode tasks share the node's cores
         if self.model.fingerprint != s["fingerprint"]:  # the export was changed on this node, or is another one
             raise ClusterError(f"{s['export']} on node {socket.gethostname()}: fingerprint {self.model.fingerprint}, "
                                f"but the driver's export has {s['fingerprint']}; every node must see the same export")
         self.text_batch = s["text_batch"]
 
     def __call__(self, batch: dict) -> dict:
+        began = time.time()
         ok = batch["error"] == ""
         d = self.model.embed_dim
         image = np.zeros((len(ok), d), np.float32)
@@ -95,7 +98,7 @@ class _Encoder:
         per_row = np.empty(len(ok), dtype=object)  # ragged: Ray Data stores it as a variable-shaped tensor column
         per_row[:] = [text[e - len(row):e] for e, row in zip(ends, captions, strict=True)]
         return {"shard": batch["shard"], "pair_id": batch["pair_id"], "error": batch["error"], "image_emb": image,
-                "text_emb": per_row}
+                "text_emb": per_row, "began": np.full(len(ok), began), "ended": np.full(len(ok), time.time())}
 
 
 def _resources(cfg: EmbedConfig, cluster_cpus: float) -> tuple[float, float, int]:
@@ -201,8 +204,9 @@ def embed_on_ray(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | N
                         np.asarray(txt, np.float32).reshape(-1, model.embed_dim)))
             seen_images += 1
             seen_texts += len(acc[-1][3]) if not err else len(by_id[int(pid)].captions)
-        if result.first_rows is None:
-            result.first_rows = {"seconds": time.time() - t0, "embeddings": seen_images + seen_texts}
+        first, last = float(batch["began"].min()) - t0, float(batch["ended"].max()) - t0
+        result.encoding = (min(first, result.encoding[0]), max(last, result.encoding[1])) if result.encoding \
+            else (first, last)
         if progress:
             progress("images", seen_images, total_images)
             progress("texts", seen_texts, total_texts)

@@ -45,6 +45,9 @@ from cmalign.export.prefetch import prefetch_map
 from cmalign.export.runtime import ExportedModel
 
 GENERATED_PREFIX = "generated:"
+# onnxruntime's intra-op threads spin between runs by default; here they share the cores with the decoding
+# threads and the tokenizer, so spinning burns the CPU those need (benchmarks/embed_bound.py measures both).
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 
 
 @dataclass
@@ -78,8 +81,8 @@ class EmbedResult:
     setup_seconds: float = 0.0  # of which: loading the export (checksums, sessions) and reading the data set
     merged: dict | None = None  # the merged manifest, once every shard is there
     shards_written: list[int] = field(default_factory=list)  # by this call (ray: the missing ones; [] = nothing to do)
-    first_rows: dict | None = None  # ray: {"seconds": from the call's start until the first rows came back (Ray and
-    # its actors starting), "embeddings": in them}; the rate after it is the pipeline's steady rate
+    encoding: tuple[float, float] | None = None  # ray: seconds from the call's start to when the first actor began
+    # encoding (Ray and the actors started) and to when the last one finished: the pipeline's running time
 
 
 @dataclass
@@ -148,7 +151,8 @@ def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | 
     check_embed_settings(cfg)
     # shards written into the export, or into a folder data set, would mix with what they are read from
     refuse_inputs(cfg.out, [cfg.export, cfg.data if cfg.data and Path(cfg.data).is_dir() else None])
-    model = ExportedModel(cfg.export, provider=cfg.provider, variant=cfg.variant, threads=cfg.threads)
+    model = ExportedModel(cfg.export, provider=cfg.provider, variant=cfg.variant, threads=cfg.threads,
+                          session_config=SESSION_CONFIG)
     out = Path(cfg.out)
     paths = shard_paths(out, index)
     pairs, skipped, data_desc = read_corpus(cfg)
