@@ -106,7 +106,8 @@ class ExportedModel:
     """An export directory loaded for inference: two sessions, a tokenizer and a preprocessor."""
 
     def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu", variant: str = "fp32",
-                 threads: int | None = None, verify: bool = True, optimization: str | None = None):
+                 threads: int | None = None, verify: bool = True, optimization: str | None = None,
+                 session_config: dict[str, str] | None = None):
         self.path = Path(export_dir)
         self.manifest = read_manifest(self.path)
         graphs = self.manifest["graphs"]
@@ -133,7 +134,7 @@ class ExportedModel:
                 if hashed[file.name] != entry["sha256"]:
                     raise ExportFormatError(f"{file}: checksum differs from the manifest; the file was changed or "
                                             "is truncated. Re-export, or pass verify=False to load it anyway")
-            self._sessions[tower] = make_session(file, provider, threads, optimization)
+            self._sessions[tower] = make_session(file, provider, threads, optimization, session_config)
         if verify and fingerprint(self.path, hashed) != self.fingerprint:
             # the fingerprint is what indexes and embeddings are bound to: recomputed, not trusted from the manifest
             raise ExportFormatError(
