@@ -212,3 +212,14 @@ def test_the_local_engine_never_imports_ray(tiny_export, tmp_path):
             f"out={str(tmp_path / 'emb')!r})); assert 'ray' not in sys.modules, 'ray was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_cli_says_what_it_wrote_and_when_there_is_nothing_to_do(ray_instance, tiny_export, tmp_path):
+    args = ["embed", str(tiny_export.out), "--data", "generated:val:40", "--out", str(tmp_path / "emb"), "--engine",
+            "ray", "--shards", "2", "--batch-size", "8"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "shard(s) 0, 1 of 2 on Ray: 40 images, 200 texts, 0 skipped" in " ".join(r.output.split())
+    assert "merged 2 shard(s)" in r.output
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "nothing to do: all 2 shard(s)" in r.output, r.output
