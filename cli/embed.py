@@ -81,7 +81,7 @@ def embed_command(
         console.print(f"nothing to do: all {n} shard(s) of {where} are done and merged", soft_wrap=True,
                       highlight=False)
         return
-    what = (f"shard(s) {', '.join(map(str, result.shards_written))} of {n} on Ray" if engine == "ray"
+    what = (f"shard(s) {', '.join(map(str, sorted(result.shards_written)))} of {n} on Ray" if engine == "ray"
             else f"shard {i}/{n}")
     console.print(f"{what}: {result.images} images, {result.texts} texts, {len(result.skipped)} skipped "
                   f"({result.seconds:.1f} s, of which {result.setup_seconds:.1f} s loading; "

@@ -223,3 +223,11 @@ def test_the_cli_says_what_it_wrote_and_when_there_is_nothing_to_do(ray_instance
     assert "merged 2 shard(s)" in r.output
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and "nothing to do: all 2 shard(s)" in r.output, r.output
+
+
+def test_more_shards_than_images_writes_the_empty_ones_as_local_does(ray_instance, tiny_export, tmp_path):
+    result = embed_dataset(_cfg(tiny_export, "generated:val:3", tmp_path / "ray", engine="ray", shards=5))
+    assert sorted(result.shards_written) == [0, 1, 2, 3, 4] and result.merged and result.images == 3
+    for i in range(5):
+        embed_dataset(_cfg(tiny_export, "generated:val:3", tmp_path / "local", shard=f"{i}/5"))
+    _same_directory(tmp_path / "local", tmp_path / "ray", 5)

@@ -166,7 +166,7 @@ def embed_on_ray(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | N
             f"({info['cpus']:g} CPUs, {info['gpus']:g} GPUs): {cfg.cluster.actors} encoder actor(s) × "
             f"{cpus:g} CPU / {gpus:g} GPU")
 
-    ds = _pipeline(cfg, model, rows, cpus, gpus, threads)
+    ds = _pipeline(cfg, model, rows, cpus, gpus, threads) if rows else None
     total_images = len(rows)
     total_texts = sum(len(r["captions"]) for r in rows)
     seen_images = seen_texts = 0
@@ -193,7 +193,9 @@ def embed_on_ray(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | N
         result.shards_written.append(shard)
         acc.clear()
 
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for shard in [i for i in todo if expected[i] == 0]:  # more shards than images: empty ones, as local writes them
+        flush(shard)
+    for batch in (ds.iter_batches(batch_size=None, batch_format="numpy") if rows else ()):
         for shard, pid, err, img, txt in zip(batch["shard"], batch["pair_id"], batch["error"], batch["image_emb"],
                                              batch["text_emb"], strict=True):
             shard = int(shard)
@@ -212,7 +214,7 @@ def embed_on_ray(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | N
             progress("texts", seen_texts, total_texts)
     if current is not None:
         flush(current)
-    missing = [i for i in todo if i not in read_shard_manifests(out)]
+    missing = sorted(set(todo) - set(result.shards_written))
     if missing:
         raise ClusterError(f"shards {missing} got no rows back from the cluster; run the command again")
     result.seconds, result.setup_seconds = time.time() - t0, setup_seconds

@@ -160,12 +160,13 @@ def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | 
 
     identity = shard_identity(cfg, model, data_desc, n)
     done = read_shard_manifests(out)
-    if index in done and not cfg.overwrite:
-        unmerged = (f"; all {n} shards are there but not merged: `cmalign embed-merge {out}` merges them"
-                    if len(done) == n and not (out / "manifest.json").is_file() else "")
-        raise OutputExistsError(f"{paths['manifest']} exists: shard {index}/{n} is already done "
-                                f"(pass --overwrite to redo it){unmerged}")
-    check_existing_shards(out, done, identity)
+    for i, existing in done.items():  # in shard order: another shard's mismatch is named before "already done"
+        if i == index and not cfg.overwrite:
+            unmerged = (f"; all {n} shards are there but not merged: `cmalign embed-merge {out}` merges them"
+                        if len(done) == n and not (out / "manifest.json").is_file() else "")
+            raise OutputExistsError(f"{paths['manifest']} exists: shard {index}/{n} is already done "
+                                    f"(pass --overwrite to redo it){unmerged}")
+        check_compatible(existing, identity, str(shard_paths(out, i)["manifest"]))
 
     mine = slice_pairs(pairs, index, n)
     img_emb, img_rows, bad = _embed_images(model, mine, cfg, progress)
