@@ -194,6 +194,8 @@ def sweep(cfg: SweepConfig, log=None) -> SweepResult:
         raise SweepError("a sweep on your --data needs --val: evaluation must not see the training images")
     if cfg.jobs < 1:
         raise SweepError(f"--jobs must be at least 1, got {cfg.jobs}")
+    if cfg.engine not in ("local", "ray"):
+        raise SweepError(f"--engine must be local or ray, got {cfg.engine!r}")
     if not cfg.alphas and not cfg.variants:
         raise SweepError("nothing to sweep: give at least one alpha")
     specs = _specs(cfg)
@@ -207,8 +209,6 @@ def sweep(cfg: SweepConfig, log=None) -> SweepResult:
     if wants_base_model(cfg.model or TINY_MODEL, cfg.pretrained):
         say("the embedded base model (built once and cached)")
         ensure_base_model()  # once, before parallel jobs would race for it
-    if cfg.engine not in ("local", "ray"):
-        raise SweepError(f"--engine must be local or ray, got {cfg.engine!r}")
     if cfg.engine == "ray":
         threads = max(1, round(cfg.cluster.cpus_per_run))
     else:
