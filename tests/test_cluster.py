@@ -184,6 +184,8 @@ def test_a_request_no_node_can_grant_is_refused_before_scheduling(ray_instance, 
 def test_a_path_a_node_cannot_read_or_write_is_named(ray_instance, tiny_export, tmp_path):
     with pytest.raises(ClusterError, match=r"node .*: .*nowhere/export is missing"):
         check_every_node(read=[str(tmp_path / "nowhere" / "export")])
+    with pytest.raises(ClusterError, match=r"node .*: the export at .* has fingerprint [0-9a-f]+, not deadbeef"):
+        check_every_node(exports={str(tiny_export.out): "deadbeef"})
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ClusterError, match=r"cannot write to .*a_file/out"):
         check_every_node(write=[str(tmp_path / "a_file" / "out")])

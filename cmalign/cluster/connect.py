@@ -93,11 +93,21 @@ def connect(address: str | None, log: Callable[[str], None] | None = None) -> di
             "gpus": float(resources.get("GPU", 0))}
 
 
-def path_problem(read: list[str], write: list[str]) -> str | None:
-    """On one node: the first path it cannot read or write, as a message; None when all is well."""
+def path_problem(read: list[str], write: list[str], exports: dict[str, str] | None = None) -> str | None:
+    """On one node: the first path it cannot read or write, or an export (dir → fingerprint) whose manifest names
+    another fingerprint, as a message; None when all is well."""
+    import json
+
     for path in read:
         if not os.path.exists(path) or not os.access(path, os.R_OK):
             return f"{path} is missing or unreadable"
+    for path, expected in (exports or {}).items():
+        try:
+            found = json.loads((Path(path) / "manifest.json").read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError) as e:
+            return f"{path}/manifest.json cannot be read ({e})"
+        if found != expected:
+            return f"the export at {path} has fingerprint {found}, not {expected} as on this machine (another export)"
     for path in write:
         target = Path(path)
         try:
@@ -110,7 +120,7 @@ def path_problem(read: list[str], write: list[str]) -> str | None:
     return None
 
 
-def check_every_node(read: list[str] = (), write: list[str] = ()) -> None:
+def check_every_node(read: list[str] = (), write: list[str] = (), exports: dict[str, str] | None = None) -> None:
     """Run the path checks on every live node (one zero-CPU task pinned to each); a ClusterError names the first
     node and path that fail. The same absolute paths must work on every node: a shared file system or mount."""
     ray = require_ray()
@@ -119,7 +129,8 @@ def check_every_node(read: list[str] = (), write: list[str] = ()) -> None:
     check = ray.remote(num_cpus=0)(path_problem)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     refs = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote([str(Path(p).resolve()) for p in read], [str(Path(p).resolve()) for p in write])
+            .remote([str(Path(p).resolve()) for p in read], [str(Path(p).resolve()) for p in write],
+                    {str(Path(p).resolve()): f for p, f in (exports or {}).items()})
             for n in nodes]
     for node, problem in zip(nodes, ray.get(refs), strict=True):
         if problem:

@@ -150,7 +150,7 @@ def embed_on_ray(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | N
         raise ClusterError(f"{problem}; nothing was scheduled")
     info = connect(cfg.cluster.address, log)
     images = [p.image.image for p in pairs[:1] if isinstance(p.image.image, str)]  # decode tasks open image files
-    check_every_node(read=[cfg.export, *images])
+    check_every_node(read=[cfg.export, *images], exports={cfg.export: model.fingerprint})
     cpus, gpus, threads = _resources(cfg, info["cpus"])
     check_fits(info, cpus, gpus, "--cpus-per-actor / --gpus-per-actor")
     setup_seconds = time.time() - t0
