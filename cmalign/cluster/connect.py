@@ -6,6 +6,7 @@ output directory.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
@@ -96,8 +97,6 @@ def connect(address: str | None, log: Callable[[str], None] | None = None) -> di
 def path_problem(read: list[str], write: list[str], exports: dict[str, str] | None = None) -> str | None:
     """On one node: the first path it cannot read or write, or an export (dir → fingerprint) whose manifest names
     another fingerprint, as a message; None when all is well."""
-    import json
-
     for path in read:
         if not os.path.exists(path) or not os.access(path, os.R_OK):
             return f"{path} is missing or unreadable"

@@ -155,9 +155,9 @@ def embed_on_ray(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | N
     check_fits(info, cpus, gpus, "--cpus-per-actor / --gpus-per-actor")
     setup_seconds = time.time() - t0
 
+    slices = {i: slice_pairs(pairs, i, n) for i in todo}
     rows = [{"shard": i, "pair_id": p.pair_id, "image": p.image.image, "captions": [r.caption for r in p.captions]}
-            for i in todo for p in slice_pairs(pairs, i, n)]
-    expected = {i: len(slice_pairs(pairs, i, n)) for i in todo}
+            for i, mine in slices.items() for p in mine]
     by_id = {p.pair_id: p for p in pairs}
     engine = {"name": "ray", "address": info["address"], "nodes": info["nodes"], "actors": cfg.cluster.actors,
               "cpus_per_actor": cpus, "gpus_per_actor": gpus, "threads_per_actor": threads}
@@ -166,7 +166,9 @@ def embed_on_ray(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | N
             f"({info['cpus']:g} CPUs, {info['gpus']:g} GPUs): {cfg.cluster.actors} encoder actor(s) × "
             f"{cpus:g} CPU / {gpus:g} GPU")
 
-    ds = _pipeline(cfg, model, rows, cpus, gpus, threads) if rows else None
+    batches = ()
+    if rows:
+        batches = _pipeline(cfg, model, rows, cpus, gpus, threads).iter_batches(batch_size=None, batch_format="numpy")
     total_images = len(rows)
     total_texts = sum(len(r["captions"]) for r in rows)
     seen_images = seen_texts = 0
@@ -174,10 +176,10 @@ def embed_on_ray(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | N
     acc: list[tuple[int, str, np.ndarray, np.ndarray]] = []
 
     def flush(shard: int) -> None:
-        if len(acc) != expected[shard] or [a[0] for a in acc] != [p.pair_id for p in slice_pairs(pairs, shard, n)]:
-            raise ClusterError(f"shard {shard}: {len(acc)} rows came back for {expected[shard]} images, or out of "
+        mine = slices[shard]
+        if [a[0] for a in acc] != [p.pair_id for p in mine]:
+            raise ClusterError(f"shard {shard}: {len(acc)} rows came back for {len(mine)} images, or out of "
                                "order; nothing of it was written. Run the command again to redo it")
-        mine = slice_pairs(pairs, shard, n)
         bad = {pid: BadSample(by_id[pid].image.source, "image", err) for pid, err, _, _ in acc if err}
         good = [a for a in acc if not a[1]]
         d = model.embed_dim
@@ -193,9 +195,10 @@ def embed_on_ray(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | N
         result.shards_written.append(shard)
         acc.clear()
 
-    for shard in [i for i in todo if expected[i] == 0]:  # more shards than images: empty ones, as local writes them
+    # more shards than images: the empty ones are written as the local engine writes them
+    for shard in [i for i, mine in slices.items() if not mine]:
         flush(shard)
-    for batch in (ds.iter_batches(batch_size=None, batch_format="numpy") if rows else ()):
+    for batch in batches:
         for shard, pid, err, img, txt in zip(batch["shard"], batch["pair_id"], batch["error"], batch["image_emb"],
                                              batch["text_emb"], strict=True):
             shard = int(shard)
