@@ -1,6 +1,6 @@
 """`cmalign embed --engine ray` against `--engine local` on the same data, side by side on this machine.
 
-    .venv/bin/python benchmarks/ray_embed.py [--work runs/bench-ray] [--repeats 3] [--tiny-images 2000]
+    .venv/bin/python benchmarks/ray_embed.py [--work runs/bench-ray] [--repeats 3] [--tiny-images 8000]
                                              [--vit-images 192]
 
 Two exports: the embedded tiny model (decoding and Python dominate) and ViT-B-32 with random weights (inference
@@ -70,15 +70,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="runs/bench-ray")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--tiny-images", type=int, default=2000)
+    ap.add_argument("--tiny-images", type=int, default=8000)
     ap.add_argument("--vit-images", type=int, default=192)
+    ap.add_argument("--tiny-batch", type=int, default=64)
+    ap.add_argument("--only", choices=("cmalign-tiny", "ViT-B-32"), help="run one of the two setups")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     setups = {"cmalign-tiny": (_export(work, "tiny-export", "cmalign-tiny", "cmalign-base"),
-                               f"generated:val:{args.tiny_images}", 64),
+                               f"generated:val:{args.tiny_images}", args.tiny_batch),
               "ViT-B-32": (_export(work, "vit-b32-export", "ViT-B-32", "random"),
                            f"generated:val:{args.vit_images}", 32)}
+    if args.only:
+        setups = {args.only: setups[args.only]}
     engines = {"local": ("local", None), "ray (new instance)": ("ray", "local"),
                "ray (running cluster)": ("ray", "auto")}
     subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], capture_output=True)

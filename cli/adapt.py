@@ -31,6 +31,8 @@ def adapt_command(
     out: Annotated[str, typer.Option("--out", "-o", help="Adapter directory to write.")] = _D.out,
     kind: Annotated[str, typer.Option(help="query (texts only) or both (one map per modality).")] = _D.kind,
     rank: Annotated[int, typer.Option(help="Rank of the residual map; 0 = full rank (d x d).")] = _D.rank,
+    hidden: Annotated[int, typer.Option(help="Hidden units of a residual MLP (GELU) instead of the linear "
+                                        "residual; 0 = linear.")] = _D.hidden,
     export: Annotated[str | None, typer.Option(help="The export the embeddings were made with (default: the one "
                                                "their manifest names).")] = None,
     alpha_target: Annotated[float, typer.Option(help="Weight of the alignment term after the curriculum.")]
@@ -56,7 +58,7 @@ def adapt_command(
 
     from cmalign.adapter.train import adapt
 
-    cfg = AdaptConfig(embeddings=embeddings, out=out, kind=kind, rank=rank, export=export,
+    cfg = AdaptConfig(embeddings=embeddings, out=out, kind=kind, rank=rank, hidden=hidden, export=export,
                       alpha_target=alpha_target, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                       checkpoint_every=checkpoint_every, threads=threads,
                       loss=replace(_D.loss, lambda_paired=lambda_paired),  # replace() validates the section

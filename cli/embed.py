@@ -18,6 +18,12 @@ HELP = (
     "and listed in OUT/bad_samples/."
 )
 MERGE_HELP = "Check that every shard of OUT is there and from the same export, and write OUT/manifest.json."
+IMPORT_HELP = (
+    "Import embeddings that clip-retrieval's `inference` wrote (img_emb/, text_emb/, metadata/; row i of each is one "
+    "image and its caption) into an embeddings directory bound to EXPORT, the export of the model that made them "
+    "(checked: it must reproduce the stored caption vectors). adapt, adapt-apply, index, search and serve then take "
+    "it. Vector files are hard-linked, not copied, where the file system allows."
+)
 _R = ReaderOptions()
 
 
@@ -110,3 +116,27 @@ def merge_command(
     Console().print(f"merged {manifest['num_shards']} shard(s): {manifest['rows']['images']} images, "
                     f"{manifest['rows']['texts']} texts, {manifest['skipped']} skipped → {escape(out)}/manifest.json",
                     soft_wrap=True, highlight=False)
+
+
+def import_command(
+    source: Annotated[str, typer.Argument(help="clip-retrieval's output folder (img_emb/, text_emb/, metadata/).",
+                                          show_default=False)],
+    export: Annotated[str, typer.Option(help="Export of the model that made the vectors.", show_default=False)],
+    out: Annotated[str, typer.Option("--out", "-o", help="Embeddings directory to write.")] = "emb/imported",
+    variant: Annotated[str, typer.Option(help="Graph variant that queries of this directory run through: fp32, fp16 "
+                                         "or int8.")] = "fp32",
+    copy: Annotated[bool, typer.Option("--copy", help="Copy the vector files even where a hard link is "
+                                       "possible.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check that EXPORT reproduces the stored "
+                                         "caption vectors (needs captions in the metadata).")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an embeddings directory at --out.")]
+    = False,
+):
+    from cmalign.corpus.clip_retrieval import ImportConfig, import_clip_retrieval
+
+    r = import_clip_retrieval(ImportConfig(source=source, export=export, out=out, variant=variant, link=not copy,
+                                           verify=verify, overwrite=overwrite))
+    check = (f"export checked on {r.verified['captions']} captions (min cosine {r.verified['min_cosine']:.5f})"
+             if "captions" in r.verified else "export not checked (--no-verify)")
+    typer.echo(f"{r.out}: {r.pairs} image-caption pairs in {r.shards} shard(s), vector files "
+               f"{'hard-linked' if r.linked else 'copied'}; {check}")

@@ -48,7 +48,7 @@ def eval_command(
     baseline: Annotated[str, typer.Option(help="auto: a run's starting model, if on this machine; base: the same, "
                         "required; none; or a run/export/model directory to compare against.")] = _D.baseline,
     posthoc: Annotated[str, typer.Option(help="Post-hoc fixes to evaluate beside the model: all, none, or a comma "
-                       "list of centring, liang, procrustes.")] = "none",
+                       "list of centring, liang, procrustes, grclip.")] = "none",
     posthoc_on: Annotated[str, typer.Option(help="Whose embeddings the fixes apply to: auto (the baseline if there "
                           "is one, else the model), model or baseline.")] = _D.posthoc_on,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Report directory. (default: reports/<source "

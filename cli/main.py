@@ -47,6 +47,7 @@ for name, command, help_text in [
     ("export", export_cmd.export_command, export_cmd.HELP),
     ("embed", embed_cmd.embed_command, embed_cmd.HELP),
     ("embed-merge", embed_cmd.merge_command, embed_cmd.MERGE_HELP),
+    ("embed-import", embed_cmd.import_command, embed_cmd.IMPORT_HELP),
     ("index", index_cmd.index_command, index_cmd.HELP),
     ("index-add", index_cmd.add_command, index_cmd.ADD_HELP),
     ("search", search_cmd.search_command, search_cmd.HELP),

@@ -45,8 +45,8 @@ def query(stored, tmp_path_factory):
 
 def test_an_untrained_adapter_is_the_identity():
     x = torch.nn.functional.normalize(torch.randn(50, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
-    for rank in (0, 4):
-        fi, ft, _ = AlignmentAdapter(32, "both", rank)(x, x)
+    for rank, hidden in ((0, 0), (4, 0), (0, 16)):
+        fi, ft, _ = AlignmentAdapter(32, "both", rank, hidden=hidden)(x, x)
         assert torch.equal(fi, ft) and (fi - x).abs().max() < 1e-6
     zeros = AdapterWeights({"text.weight": np.zeros((32, 32), np.float32), "text.bias": np.zeros(32, np.float32)})
     assert np.abs(zeros.apply("text", x.numpy()) - x.numpy()).max() < 1e-6
@@ -77,6 +77,54 @@ def test_derived_export_equals_the_base_followed_by_the_adapter(both, tiny_expor
             expected = weights.apply(tower, ref)
             assert np.abs(got - expected).max() < 2e-6, (variant, tower)
             assert np.abs(got - ref).max() > 1e-3  # the adapter did move them
+
+
+def test_a_residual_mlp_adapter_is_the_same_map_in_torch_numpy_and_its_derived_export(stored, tiny_export, tmp_path):
+    from cmalign.data.synth import synth_split
+    from cmalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--hidden and --rank"):
+        AdaptConfig(embeddings=str(stored), hidden=16, rank=4).validate()
+    r = adapt(_cfg(stored, tmp_path / "mlp", hidden=32), show_progress=False)
+    # an MLP starts slower than the linear map (W2 at zero: W1 learns once W2 has moved); measured 0.56 at 40 steps
+    assert r.after["centroid_gap"] < 0.7 * r.before["centroid_gap"]
+    weights = AdapterWeights.load(r.out)
+    assert {"text.w1", "text.b1", "text.w2", "text.bias", "image.w2"} <= set(weights.arrays)
+    model = AlignmentAdapter(weights.arrays["text.bias"].shape[0], "both", hidden=32)
+    for tower, m in model.towers().items():
+        m.load_state_dict({n: torch.from_numpy(weights.arrays[f"{tower}.{n}"]) for n, _ in m.named_parameters()})
+    x = load_embeddings(stored).text[:64].astype(np.float32)
+    with torch.no_grad():
+        in_torch = model.text(torch.from_numpy(x)).numpy()
+    assert np.abs(weights.apply("text", x) - in_torch).max() < 2e-6
+    # large random weights, where the GELU's form matters (erf vs tanh differ by up to 5e-4 a unit): torch, numpy
+    # and the adapter's own ONNX graph compute one map
+    import onnx
+    import onnxruntime as ort
+
+    from cmalign.adapter.graphs import UNADAPTED, adapter_model
+
+    rng = np.random.default_rng(3)
+    d = x.shape[1]
+    big = AdapterWeights({"text.w1": rng.normal(0, 1, (d, 32)).astype(np.float32),
+                          "text.b1": rng.normal(0, 1, 32).astype(np.float32),
+                          "text.w2": rng.normal(0, 0.3, (32, d)).astype(np.float32),
+                          "text.bias": rng.normal(0, 0.1, d).astype(np.float32)})
+    model.text.load_state_dict({n: torch.from_numpy(big.arrays[f"text.{n}"]) for n, _ in model.text.named_parameters()})
+    with torch.no_grad():
+        in_torch = model.text(torch.from_numpy(x)).numpy()
+    graph = adapter_model(big, "text", onnx.load(str(tiny_export.out / "text_encoder.onnx")), "emb")
+    in_onnx = ort.InferenceSession(graph.SerializeToString()).run(None, {"emb" + UNADAPTED: x})[0]
+    assert np.abs(big.apply("text", x) - in_torch).max() < 2e-6
+    assert np.abs(in_onnx - in_torch).max() < 2e-6
+    records = synth_split("test", n_images=8, captions_per_image=1).records
+    base, derived = load_export(tiny_export.out), load_export(r.export)
+    for tower, got, ref in (("text", derived.encode_texts([r.caption for r in records]),
+                             base.encode_texts([r.caption for r in records])),
+                            ("image", derived.encode_images([r.image.load() for r in records]),
+                             base.encode_images([r.image.load() for r in records]))):
+        assert np.abs(got - weights.apply(tower, ref)).max() < 2e-6, tower
+        assert np.abs(got - ref).max() > 1e-3  # the MLP did move them
 
 
 def test_query_adapter_leaves_image_vectors_bit_identical(query, stored, tmp_path):

@@ -37,7 +37,8 @@ def test_eval_of_a_run_writes_metrics_report_and_figures(run_report):
     m = json.loads((out / "metrics.json").read_text())
     assert m["kind"] == "cmalign-eval"
     # a run is compared with the model it started from; the fixes apply to that original model
-    assert list(m["systems"]) == ["model", "baseline", "baseline+centring", "baseline+liang", "baseline+procrustes"]
+    assert list(m["systems"]) == ["model", "baseline", "baseline+centring", "baseline+liang", "baseline+procrustes",
+                                  "baseline+grclip"]
     assert m["baseline"]["role"] == "the run's starting model"
     model = m["systems"]["model"]
     assert set(model) == {"gap", "retrieval", "mixed", "mixcorpus", "clustering", "zeroshot", "caption"}

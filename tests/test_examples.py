@@ -192,9 +192,9 @@ def test_documented_repository_paths_exist():
 
 
 COMMAND_PAGES = {"fit": "fit.md", "export": "export.md", "embed": "embed.md", "embed-merge": "embed.md",
-                 "index": "joint-index.md", "index-add": "joint-index.md", "search": "joint-index.md",
-                 "serve": "serve.md", "adapt": "adapt.md", "adapt-apply": "adapt.md", "eval": "eval.md",
-                 "sweep": "sweep.md", "data synth": "data.md"}
+                 "embed-import": "adapt.md", "index": "joint-index.md", "index-add": "joint-index.md",
+                 "search": "joint-index.md", "serve": "serve.md", "adapt": "adapt.md", "adapt-apply": "adapt.md",
+                 "eval": "eval.md", "sweep": "sweep.md", "data synth": "data.md"}
 
 
 def cli_commands():

@@ -1,4 +1,4 @@
-"""The post-hoc gap fixes (mean-centring, Liang's shift, Procrustes) on constructed cases."""
+"""The post-hoc gap fixes (mean-centring, Liang's shift, Procrustes, GR-CLIP's centring) on constructed cases."""
 
 import numpy as np
 import pytest
@@ -33,8 +33,23 @@ def test_liang_shift_meets_in_the_middle_and_procrustes_finds_a_rotation():
     np.testing.assert_allclose(proc.image(x), x, atol=1e-6)
 
 
+def test_grclip_centres_query_texts_of_their_own_distribution_by_their_own_mean():
+    x = random_unit(200, 6, seed=5)
+    y = unit(x + np.array([0.8, 0, 0, 0, 0, 0]))
+    prompts = unit(random_unit(40, 6, seed=6) + np.array([0, 0, 0, 0, 0, 1.5]))  # another text distribution
+    gr = fit_posthoc("grclip", x, y, renormalise=False)
+    centring = fit_posthoc("centring", x, y, renormalise=False)
+    # documents (images, captions) as mean-centring has them: the training means subtracted
+    np.testing.assert_allclose(gr.image(x), centring.image(x), atol=1e-12)
+    np.testing.assert_allclose(gr.text(y), centring.text(y), atol=1e-12)
+    # queries of another distribution lose their own mean, not the captions' (which would leave them off-centre)
+    np.testing.assert_allclose(gr.queries(prompts).mean(0), 0, atol=1e-12)
+    assert np.linalg.norm(centring.queries(prompts).mean(0)) > 0.5
+    np.testing.assert_allclose(centring.queries(prompts), centring.text(prompts))
+
+
 def test_parse_posthoc():
-    assert parse_posthoc("all") == ("centring", "liang", "procrustes")
+    assert parse_posthoc("all") == ("centring", "liang", "procrustes", "grclip")
     assert parse_posthoc("none") == () and parse_posthoc(None) == ()
     assert parse_posthoc("liang, centring") == ("liang", "centring")
     with pytest.raises(ValueError, match="unknown fix"):

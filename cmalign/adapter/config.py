@@ -26,6 +26,7 @@ class AdaptConfig:
     # both: one map per modality (stored image vectors are re-mapped from disk).
     kind: str = "both"
     rank: int = 0  # 0: full-rank residual (d x d); r > 0: a rank-r residual (d x r, r x d)
+    hidden: int = 0  # h > 0: a residual MLP (d x h, GELU, h x d) instead of the linear residual
     export: str | None = None  # the base export (None: the one the embeddings' manifest names)
     # α = 1 and no paired term (the paper's loss): on the default benchmark (600 steps from the base's stored
     # vectors, docs/adapt.md) α = 0.5 with fit's λ_p = 3 closed more of the raw gap (−87 %) but cost zero-shot
@@ -54,6 +55,11 @@ class AdaptConfig:
             raise ConfigError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not (isinstance(self.rank, int) and self.rank >= 0):
             raise ConfigError(f"--rank must be a whole number >= 0 (0: full rank), got {self.rank!r}")
+        if not (isinstance(self.hidden, int) and self.hidden >= 0):
+            raise ConfigError(f"--hidden must be a whole number >= 0 (0: a linear residual), got {self.hidden!r}")
+        if self.hidden and self.rank:
+            raise ConfigError("--hidden and --rank are two shapes of the residual: give one of them (an MLP's "
+                              "hidden width already bounds its rank)")
         if not (math.isfinite(self.alpha_target) and self.alpha_target >= 0):
             raise ConfigError(f"--alpha-target must be a finite number >= 0, got {self.alpha_target}")
         if self.steps < 1:
@@ -78,4 +84,6 @@ class AdaptConfig:
         d = self.to_dict()
         for k in ("embeddings", "out", "checkpoint_every", "threads", "export"):  # the data: by its fingerprint
             d.pop(k)
+        if not d["hidden"]:  # runs from before --hidden existed keep their identity
+            d.pop("hidden")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

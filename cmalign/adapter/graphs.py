@@ -1,12 +1,12 @@
 """The adapter in ONNX, fused into a derived export of the base: `embed`, `index`, `search` and `serve` then run
 the aligned space with no new moving parts.
 
-The adapter graph is a handful of ops (MatMul, Add, a clamped L2 normalisation) built with ``onnx.helper`` from the
-numpy weights rather than exported from torch: attaching an adapter to an export then needs no torch, and the ops
-used (ReduceSum with an axes input, opset 13+) exist at every opset the exports are written at. ``onnx.compose``
-joins it behind each graph of the base (every variant: fp32, fp16, int8 — the adapter itself stays fp32), and every
-fused graph is checked against the base graph + the numpy map on generated images and captions, as an export's
-graphs are checked against torch.
+The adapter graph is a handful of ops (MatMul, Add, the MLP's tanh GELU, a clamped L2 normalisation) built with
+``onnx.helper`` from the numpy weights rather than exported from torch: attaching an adapter to an export then needs
+no torch, and the ops used (ReduceSum with an axes input, opset 13+) exist at every opset the exports are written
+at. ``onnx.compose`` joins it behind each graph of the base (every variant: fp32, fp16, int8 — the adapter itself
+stays fp32), and every fused graph is checked against the base graph + the numpy map on generated images and
+captions, as an export's graphs are checked against torch.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import cmalign
-from cmalign.adapter.weights import AdapterWeights
+from cmalign.adapter.weights import GELU_C, AdapterWeights
 from cmalign.artifacts.atomic import atomic_dir, write_json
 from cmalign.artifacts.checksums import sha256_file
 from cmalign.export import manifest as mf
@@ -38,7 +38,18 @@ def adapter_model(weights: AdapterWeights, tower: str, base, out_name: str) -> o
     inits = [numpy_helper.from_array(a[f"{tower}.bias"], p + "bias"),
              numpy_helper.from_array(np.array([-1], np.int64), p + "axes"),
              numpy_helper.from_array(np.array(1e-24, np.float32), p + "eps2")]  # (1e-12)², F.normalize's eps
-    if f"{tower}.weight" in a:
+    if f"{tower}.w1" in a:  # residual MLP, GELU in its tanh form (as weights.gelu_tanh and the torch model)
+        inits += [numpy_helper.from_array(a[f"{tower}.{k}"], p + k) for k in ("w1", "b1", "w2")]
+        inits += [numpy_helper.from_array(np.array(v, np.float32), p + k)
+                  for k, v in (("c", GELU_C), ("k", 0.044715), ("half", 0.5), ("one", 1.0))]
+        nodes = [helper.make_node(op, ins, [outp], name=p + outp.split(".")[-1]) for op, ins, outp in (
+            ("MatMul", [inp, p + "w1"], p + "h0"), ("Add", [p + "h0", p + "b1"], p + "h"),
+            ("Mul", [p + "h", p + "h"], p + "h2"), ("Mul", [p + "h2", p + "h"], p + "h3"),
+            ("Mul", [p + "h3", p + "k"], p + "h3k"), ("Add", [p + "h", p + "h3k"], p + "inner"),
+            ("Mul", [p + "inner", p + "c"], p + "scaled"), ("Tanh", [p + "scaled"], p + "tanh"),
+            ("Add", [p + "tanh", p + "one"], p + "gate"), ("Mul", [p + "h", p + "gate"], p + "hg"),
+            ("Mul", [p + "hg", p + "half"], p + "gelu"), ("MatMul", [p + "gelu", p + "w2"], p + "delta"))]
+    elif f"{tower}.weight" in a:
         inits.append(numpy_helper.from_array(a[f"{tower}.weight"], p + "weight"))
         nodes = [helper.make_node("MatMul", [inp, p + "weight"], [p + "delta"], name=p + "matmul")]
     else:

@@ -139,7 +139,7 @@ def adapt(cfg: AdaptConfig, resume: bool = False, console=None, show_progress: b
     train_images, val_images = pairs.split(cfg.val_fraction, cfg.val_max_images, cfg.seed)
 
     torch.manual_seed(cfg.seed)
-    model = AlignmentAdapter(pairs.dim, cfg.kind, cfg.rank, cfg.logit_scale, cfg.seed)
+    model = AlignmentAdapter(pairs.dim, cfg.kind, cfg.rank, cfg.logit_scale, cfg.seed, cfg.hidden)
     groups = param_groups(model, cfg.weight_decay)
     if cfg.scheduler.mode == "block":
         groups = split_by_block(model, groups, cfg.scheduler.blocks)
@@ -159,10 +159,11 @@ def adapt(cfg: AdaptConfig, resume: bool = False, console=None, show_progress: b
             blocks.load_state_dict(state["blocks"])
         start = int(state["step"])
     held = pairs.held_out(val_images) if len(val_images) else None  # read once for the before and after figures
-    before = _evaluate(AlignmentAdapter(pairs.dim, cfg.kind, cfg.rank), held) if held else {}
+    before = _evaluate(AlignmentAdapter(pairs.dim, cfg.kind, cfg.rank, hidden=cfg.hidden), held) if held else {}
     _keep_metrics_until(out / "metrics.jsonl", start)
+    shape = f"MLP of {cfg.hidden} hidden units" if cfg.hidden else f"rank {cfg.rank or 'full'}"
     console.print(f"adapting {pairs.images.n} images / {pairs.texts.n} captions (d = {pairs.dim}) from "
-                  f"{pairs.path}: kind {cfg.kind}, rank {cfg.rank or 'full'}, α {cfg.alpha_target}, {cfg.steps} steps"
+                  f"{pairs.path}: kind {cfg.kind}, {shape}, α {cfg.alpha_target}, {cfg.steps} steps"
                   + (f", resuming at step {start}" if start else ""), highlight=False, soft_wrap=True)
     params = [p for p in model.parameters() if p.requires_grad]
     t_train = time.time()
@@ -206,7 +207,8 @@ def adapt(cfg: AdaptConfig, resume: bool = False, console=None, show_progress: b
     write_json(out / "summary.json", {"before": before, "after": after,
                                       "held_out": "images held out of training, with all their captions"})
     manifest = {"kind": KIND, "cmalign_version": cmalign.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "adapter_kind": cfg.kind, "rank": cfg.rank, "dim": pairs.dim, "towers": weights.towers,
+                "adapter_kind": cfg.kind, "rank": cfg.rank, "hidden": cfg.hidden, "dim": pairs.dim,
+                "towers": weights.towers,
                 "config_hash": cfg.hash(), "alpha_target": cfg.alpha_target, "steps": cfg.steps,
                 "embeddings": str(pairs.path.resolve()), "base_export": str(base_export.resolve()),
                 "base_fingerprint": pairs.fingerprint, "pairs": {"images": int(pairs.images.n),

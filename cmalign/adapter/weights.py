@@ -1,8 +1,8 @@
 """A trained adapter as numpy arrays (``ADAPTER/adapter.npz``), applied without torch.
 
-Keys per adapted tower: ``{tower}.weight`` (full rank) or ``{tower}.down`` and ``{tower}.up`` (rank r), and
-``{tower}.bias``. The same maps run inside the derived export's graphs; this is the reference they are checked
-against and what re-maps stored vectors.
+Keys per adapted tower: ``{tower}.weight`` (full rank), ``{tower}.down`` and ``{tower}.up`` (rank r), or
+``{tower}.w1``, ``{tower}.b1`` and ``{tower}.w2`` (residual MLP), and ``{tower}.bias``. The same maps run inside the
+derived export's graphs; this is the reference they are checked against and what re-maps stored vectors.
 """
 
 from __future__ import annotations
@@ -16,6 +16,14 @@ from cmalign.errors import CmalignError
 
 WEIGHTS_FILE = "adapter.npz"
 CHUNK = 65536
+
+
+GELU_C = np.float32(np.sqrt(2 / np.pi))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """torch's ``F.gelu(x, approximate="tanh")``."""
+    return 0.5 * x * (1 + np.tanh(GELU_C * (x + np.float32(0.044715) * x ** 3)))
 
 
 class AdapterError(CmalignError, ValueError):
@@ -48,7 +56,9 @@ class AdapterWeights:
         out = np.empty((len(x), x.shape[1]), np.float32)
         for s in range(0, len(x), CHUNK):
             v = np.asarray(x[s:s + CHUNK], np.float32)
-            if f"{tower}.weight" in a:
+            if f"{tower}.w1" in a:
+                y = v + gelu_tanh(v @ a[f"{tower}.w1"] + a[f"{tower}.b1"]) @ a[f"{tower}.w2"]
+            elif f"{tower}.weight" in a:
                 y = v + v @ a[f"{tower}.weight"]
             else:
                 y = v + (v @ a[f"{tower}.down"]) @ a[f"{tower}.up"]

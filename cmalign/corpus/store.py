@@ -195,9 +195,13 @@ def read_merged_manifest(out: str | Path) -> dict:
     path = out / "manifest.json"
     if not out.is_dir():
         raise EmbeddingsError(f"embeddings directory not found: {out}")
-    hint = ("it holds no shards; write some with `cmalign embed EXPORT --out DIR`"
-            if not any((out / "shards").glob("shard_*.json"))
-            else f"run `cmalign embed-merge {out}` once every shard is done")
+    if any((out / "shards").glob("shard_*.json")):
+        hint = f"run `cmalign embed-merge {out}` once every shard is done"
+    elif any((out / "img_emb").glob("img_emb_*.npy")):  # clip-retrieval's output: vectors, no record of the model
+        hint = (f"it looks like clip-retrieval's output; bind it to the export of the model that made it with "
+                f"`cmalign embed-import {out} --export EXPORT --out DIR`")
+    else:
+        hint = "it holds no shards; write some with `cmalign embed EXPORT --out DIR`"
     manifest = read_manifest_file(path, KIND, EmbeddingsError, hint, FORMAT_VERSION)
     for name in ("num_shards", "embed_dim"):
         manifest_field(manifest, name, "a positive integer", is_positive_int, path, EmbeddingsError)

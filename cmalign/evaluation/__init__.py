@@ -4,7 +4,7 @@
     datasets.py           the evaluation set and the fit set (for the caption decoder and the post-hoc fits)
     encoders.py           what eval embeds with: a run or model (torch) or an export (onnxruntime)
     system_embeddings.py  every embedding the tasks need from one system, made once
-    posthoc.py            the post-hoc fixes fine-tuning must beat (centring, Liang's shift, Procrustes)
+    posthoc.py            the post-hoc fixes fine-tuning must beat (centring, Liang's shift, Procrustes, GR-CLIP)
     evaluators.py         one evaluator object per task (gap, retrieval, mixed, clustering, zero-shot, caption)
     runner.py             evaluate(): systems × evaluators → metrics.json, report.md, figures
     report.py, figures.py what a person reads

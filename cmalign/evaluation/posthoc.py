@@ -2,7 +2,9 @@
 
 All are fitted on *training* pairs and applied unchanged to the evaluation set (and to every text the tasks embed:
 captions, class prompts, the caption decoder's training captions). Rows are re-normalised afterwards, since every
-task scores cosine similarity.
+task scores cosine similarity. One exception, by design of the method it stands for: GR-CLIP's centring keeps
+separate means for query texts and documents, so the class prompts (queries of another distribution than the
+captions stored as documents) are centred by their own mean.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from scipy.linalg import orthogonal_procrustes
 from cmalign.errors import ConfigError
 from cmalign.metrics.vectors import l2_normalize
 
-NAMES = ("centring", "liang", "procrustes")
+NAMES = ("centring", "liang", "procrustes", "grclip")
 DESCRIPTIONS = {
     "centring": "per-modality mean-centring (C3 / I0T_post): subtract each modality's training mean",
     "liang": "Liang et al.'s shift: move both modalities along the centroid difference to its midpoint",
     "procrustes": "orthogonal Procrustes map text → image fitted on training pairs (images unchanged)",
+    "grclip": "GR-CLIP-style centring (Li et al. 2025, mixed-modality search): images and document captions minus "
+              "their training means, query texts of their own distribution (class prompts) minus their own mean",
 }
 
 
@@ -32,6 +36,15 @@ class PosthocMap:
     text_shift: np.ndarray  # added to texts (after the rotation)
     text_rotation: np.ndarray | None = None
     renormalise: bool = True
+    own_query_mean: bool = False  # GR-CLIP: query texts (class prompts) are centred by their own mean
+
+    def queries(self, q: np.ndarray) -> np.ndarray:
+        """Query texts that are not captions (class prompts): as texts, or centred by their own mean (GR-CLIP)."""
+        if not self.own_query_mean:
+            return self.text(q)
+        q = np.asarray(q, np.float64)
+        out = q - q.mean(0)
+        return l2_normalize(out) if self.renormalise else out
 
     def image(self, x: np.ndarray) -> np.ndarray:
         out = np.asarray(x, np.float64) + self.image_shift
@@ -62,6 +75,8 @@ def fit_posthoc(name: str, train_image: np.ndarray, train_text: np.ndarray, reno
     if name == "liang":
         delta = mu_x - mu_y
         return PosthocMap(name, -liang_lambda * delta / 2, liang_lambda * delta / 2, renormalise=renormalise)
+    if name == "grclip":
+        return PosthocMap(name, -mu_x, -mu_y, renormalise=renormalise, own_query_mean=True)
     if name == "procrustes":
         rotation, _ = orthogonal_procrustes(y, x)  # argmin_R ||y R − x||_F over orthogonal R
         return PosthocMap(name, zero, zero, text_rotation=rotation, renormalise=renormalise)

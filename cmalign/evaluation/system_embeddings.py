@@ -26,7 +26,7 @@ class SystemEmbeddings:
 
     def mapped(self, fix: PosthocMap) -> SystemEmbeddings:
         return replace(self, image=fix.image(self.image), text=fix.text(self.text),
-                       prompts=None if self.prompts is None else fix.text(
+                       prompts=None if self.prompts is None else fix.queries(
                            self.prompts.reshape(-1, self.prompts.shape[-1])).reshape(self.prompts.shape),
                        fit_image=fix.image(self.fit_image), fit_text=fix.text(self.fit_text))
 
