@@ -1,11 +1,13 @@
 """`cmalign adapt` on the default benchmark: the adapter kinds against the post-hoc fixes, all from the stored
 embeddings of the unaligned base export, on the same data with the same tasks.
 
-    .venv/bin/python benchmarks/adapter_quality.py [--work runs/bench-adapter] [--steps 600] [--kinds both,query]
+    .venv/bin/python benchmarks/adapter_quality.py [--work runs/bench-adapter] [--steps 600]
+                                                   [--kinds both,query,both-mlp]
 
 Steps: export the cached base model; embed the generated train split with it (10,000 images, 50,000 captions: the
-stored corpus); `adapt` each kind on those vectors; `cmalign eval` each derived export against the base export
-with the post-hoc fixes (mean-centring, Liang, Procrustes) fitted on the base's vectors. Writes
+stored corpus); `adapt` each kind on those vectors (`both-mlp`: kind both with a residual MLP, `--hidden 256`);
+`cmalign eval` each derived export against the base export with the post-hoc fixes (mean-centring, Liang,
+Procrustes, GR-CLIP's centring) fitted on the base's vectors. Writes
 benchmarks/results/adapter_quality.json (summary rows of every system, timings) and prints them.
 """
 
@@ -27,11 +29,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="runs/bench-adapter")
     ap.add_argument("--steps", type=int, default=None, help="adapter steps (default: adapt's)")
-    ap.add_argument("--kinds", default="both,query")
+    ap.add_argument("--kinds", default="both,query,both-mlp")
     ap.add_argument("--extra", default="", help="more `cmalign adapt` options, e.g. '--lambda-paired 0'")
     ap.add_argument("--result", default=str(Path(__file__).parent / "results" / "adapter_quality.json"))
     args = ap.parse_args()
     from cmalign.evaluation import EvalConfig, evaluate
+    from cmalign.evaluation.posthoc import NAMES
     from cmalign.evaluation.report import summary_rows
     from cmalign.model.base import ensure_base_model
 
@@ -52,14 +55,15 @@ def main() -> None:
         adapter = work / f"adapter-{kind}"
         if not (adapter / "manifest.json").is_file():
             t0 = time.time()
-            cmd = [CMALIGN, "adapt", str(emb), "--out", str(adapter), "--kind", kind, "-q", *args.extra.split()]
+            cmd = [CMALIGN, "adapt", str(emb), "--out", str(adapter), "--kind", kind.split("-")[0], "-q",
+                   *(["--hidden", "256"] if kind.endswith("-mlp") else []), *args.extra.split()]
             if args.steps:
                 cmd += ["--steps", str(args.steps)]
             subprocess.run(cmd, check=True)
             timings[f"adapt_{kind}"] = time.time() - t0
         t0 = time.time()
         result = evaluate(EvalConfig(source=str(adapter), baseline=str(base),
-                                     posthoc=("centring", "liang", "procrustes") if kind == "both" else (),
+                                     posthoc=NAMES if kind == "both" else (),
                                      out=str(work / f"report-{kind}"), overwrite=True), log=print)
         timings[f"eval_{kind}"] = time.time() - t0
         m = result.metrics

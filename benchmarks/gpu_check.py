@@ -907,27 +907,22 @@ def run_embed(ctx: Context) -> Path:
 
 
 def _torch_free_cuda_hint(export: Path) -> str:
-    """Whether a torch-free process starts the CUDA provider only after onnxruntime.preload_dlls()."""
+    """Whether a torch-free process starts the CUDA provider, with make_session's own preload_dlls() call and
+    without it (CMALIGN_ORT_PRELOAD=0)."""
     from cmalign.export.manifest import graph_file
 
-    code = ("import sys, onnxruntime as ort\n"
-            "if sys.argv[2] == 'preload': ort.preload_dlls()\n"
+    code = ("import sys\n"
             "from cmalign.export.runtime import make_session\n"
             "make_session(sys.argv[1], 'cuda')\n")
     path = str(export / graph_file("text", "fp32"))
     ok = {}
-    for mode in ("plain", "preload"):
+    for mode, preload in (("without preload", "0"), ("with preload", "1")):
         try:
-            ok[mode] = subprocess.run([sys.executable, "-c", code, path, mode], capture_output=True,
-                                      timeout=120).returncode == 0
+            ok[mode] = subprocess.run([sys.executable, "-c", code, path], capture_output=True, timeout=120,
+                                      env={**os.environ, "CMALIGN_ORT_PRELOAD": preload}).returncode == 0
         except subprocess.SubprocessError:
             ok[mode] = False
-    if not ok["plain"] and ok["preload"]:
-        return (" — diagnosis: a process without torch starts the CUDA provider only after "
-                "onnxruntime.preload_dlls(): the CUDA/cuDNN libraries are found through torch or the nvidia-* "
-                "wheels, not the system; the torch-free runtime (export/runtime.py make_session) does not preload")
-    return f" — torch-free session probe: plain {'ok' if ok['plain'] else 'fails'}, " \
-           f"after preload_dlls {'ok' if ok['preload'] else 'fails'}"
+    return " — torch-free session probe: " + ", ".join(f"{m} {'ok' if v else 'fails'}" for m, v in ok.items())
 
 
 def sec_embed(ctx: Context, s: Section) -> None:

@@ -72,6 +72,26 @@ def default_optimization(variant: str, provider: str) -> str:
     return "extended" if variant == "fp16" and provider != "cuda" else "all"
 
 
+_PRELOADED: list[bool] = []
+
+
+def preload_cuda_libraries(ort) -> None:
+    """Load the CUDA and cuDNN libraries of the nvidia-* wheels before the first CUDA session, once.
+
+    onnxruntime-gpu finds them through torch when torch is imported, and otherwise only on the system's library path;
+    the production path runs without torch, so it asks ``onnxruntime.preload_dlls()`` (onnxruntime >= 1.21) to load
+    them from the wheels (it coexists with torch's copies). ``CMALIGN_ORT_PRELOAD=0`` turns this off, e.g. to use a
+    system CUDA on the library path instead. A failure is left to the session, whose error names the provider.
+    """
+    if _PRELOADED or os.environ.get("CMALIGN_ORT_PRELOAD", "1") == "0" or not hasattr(ort, "preload_dlls"):
+        return
+    _PRELOADED.append(True)
+    try:
+        ort.preload_dlls()
+    except Exception:  # noqa: BLE001 - missing wheels: the system's libraries may still serve
+        pass
+
+
 def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None, optimization: str = "all",
                  config: dict[str, str] | None = None):
     """An InferenceSession with graph optimisation; fails loudly if CUDA was asked for and not used.
@@ -93,6 +113,8 @@ def make_session(path: str | Path, provider: str = "cpu", threads: int | None = 
         so.intra_op_num_threads = threads
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)
+    if providers[0] == PROVIDERS["cuda"]:
+        preload_cuda_libraries(ort)
     session = ort.InferenceSession(str(path), so, providers=providers)
     if providers[0] != PROVIDERS["cpu"] and session.get_providers()[0] != providers[0]:
         raise ProviderUnavailableError(

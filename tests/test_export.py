@@ -225,6 +225,27 @@ def test_asking_for_cuda_without_onnxruntime_gpu_is_a_clear_error(tiny_export):
     assert load_export(tiny_export.out, provider="auto").providers == ["CPUExecutionProvider"]
 
 
+def test_cuda_libraries_are_preloaded_once_unless_turned_off(monkeypatch):
+    """The torch-free runtime asks onnxruntime to load the nvidia-* wheels' CUDA libraries before its first CUDA
+    session (a stand-in module records the calls: this machine has no GPU, and preloading twice is what to avoid)."""
+    from types import SimpleNamespace
+
+    from cmalign.export import runtime
+
+    calls = []
+    ort = SimpleNamespace(preload_dlls=lambda: calls.append(1))
+    monkeypatch.setattr(runtime, "_PRELOADED", [])
+    monkeypatch.setenv("CMALIGN_ORT_PRELOAD", "0")
+    runtime.preload_cuda_libraries(ort)
+    assert calls == []
+    monkeypatch.delenv("CMALIGN_ORT_PRELOAD")
+    runtime.preload_cuda_libraries(ort)
+    runtime.preload_cuda_libraries(ort)
+    assert calls == [1]
+    monkeypatch.setattr(runtime, "_PRELOADED", [])
+    runtime.preload_cuda_libraries(SimpleNamespace())  # an onnxruntime older than 1.21: nothing to call
+
+
 def test_runtime_imports_no_torch(tiny_export, tmp_path):
     """Production code path: load the export and embed, with torch made unimportable."""
     images, captions = _val_inputs(4)
