@@ -3,6 +3,7 @@ embeddings directory of an export, then adapted and indexed as if `cmalign embed
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -39,7 +40,7 @@ def _write_clip_retrieval(root, stored, splits=(0, 120, 200), text=None):
     for d in ("img_emb", "text_emb", "metadata"):
         (root / d).mkdir(parents=True)
     text = stored["text"] if text is None else text
-    for k, (a, b) in enumerate(zip(splits, splits[1:])):
+    for k, (a, b) in enumerate(itertools.pairwise(splits)):
         np.save(root / "img_emb" / f"img_emb_{k}.npy", stored["image"][a:b].astype(np.float16))
         np.save(root / "text_emb" / f"text_emb_{k}.npy", text[a:b].astype(np.float16))
         pq.write_table(pa.table({"image_path": stored["image_path"][a:b], "caption": stored["caption"][a:b]}),
