@@ -30,7 +30,7 @@ from cmalign.export.manifest import (
 )
 from cmalign.export.prefetch import prefetch_map
 from cmalign.export.preprocess import ImagePreprocessor
-from cmalign.export.tokenizer import ClipTokenizer
+from cmalign.export.tokenizer import ClipTokenizer, trim_padding
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -171,6 +171,8 @@ class ExportedModel:
                                         f"{tower} graph outputs vectors of dim {dim}")
         self.providers = self._sessions["image"].get_providers()
         self.context_length = self.tokenizer.context_length
+        # a named sequence axis takes any length; exports written before it existed have a fixed one (an int)
+        self.trims_padding = isinstance(self.manifest.get("inputs", {}).get("text", {}).get("shape", [0, 0])[1], str)
 
     # -- arrays in, embeddings out ------------------------------------------------------------------
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -183,6 +185,8 @@ class ExportedModel:
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
             raise ConfigError(f"token ids must have shape (n, {self.context_length}), got {tokens.shape}")
+        if self.trims_padding:  # the graph takes any length: the padding after the longest caption is skipped
+            tokens = trim_padding(tokens)
         return self._run("text", tokens)
 
     def _run(self, tower: str, x: np.ndarray) -> np.ndarray:

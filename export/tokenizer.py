@@ -357,6 +357,19 @@ class ClipTokenizer:
         return tok
 
 
+def trim_padding(tokens: np.ndarray) -> np.ndarray:
+    """``tokens`` without the padding columns after every row's last token (at least 2 columns).
+
+    Padding is id 0 at the end of a row; id 0 is also a real token ("!"), but every row ends with the EOT id, so the
+    last non-zero column of a row is its EOT (or the context length, where open_clip truncates onto an EOT).
+    """
+    nonzero = tokens != 0
+    if not nonzero.any():
+        return tokens[:, :2]
+    last = tokens.shape[1] - int(np.argmax(nonzero[:, ::-1], axis=1)[nonzero.any(axis=1)].min())
+    return tokens[:, :max(2, last)]
+
+
 def save_tokenizer(open_clip_tokenizer, out_dir: str | os.PathLike) -> dict:
     """Write an open_clip ``SimpleTokenizer`` as ``out_dir/tokenizer.json`` plus its BPE vocab file.
 

@@ -130,6 +130,33 @@ def test_int8_keeps_retrieval_within_one_point_on_the_default_validation_split(t
     assert recorded["bound_enforced"] and recorded["max_drop_vs_fp32"] <= 0.01
 
 
+def test_text_graphs_take_any_length_and_the_runtime_cuts_the_padding(tiny_export):
+    """A causal, EOT-pooled text tower: padding after the last EOT changes nothing, so the graph has a named
+    sequence axis and the runtime runs only the columns up to the longest caption's EOT — with the same result as
+    the full context length, in every variant."""
+    from cmalign.export.graphs import trims_padding
+    from cmalign.export.tokenizer import trim_padding
+
+    assert tiny_export.manifest["inputs"]["text"]["shape"] == ["batch", "sequence"]
+    _, captions = _val_inputs(16)
+    captions += ["wow! a red circle!", "!"]  # "!" is token id 0, the padding id: it must not end a caption early
+    for variant in ("fp32", "fp16", "int8"):
+        model = load_export(tiny_export.out, variant=variant)
+        assert model.trims_padding
+        tokens = model.tokenize(captions)
+        cut = trim_padding(tokens)
+        assert 2 < cut.shape[1] < tokens.shape[1] and (cut[:, -1] != 0).any()  # up to the longest caption's EOT
+        full = model._run("text", tokens)  # the graph on all 32 columns
+        assert np.abs(model.encode_texts(captions) - full).max() < (1e-6 if variant == "fp32" else 2e-3), variant
+        parity = tiny_export.manifest["graphs"][variant]["text"]["parity"]
+        assert parity["trimmed"]["length"] < tiny_export.manifest["context_length"]
+    # the predicate: another pooling (last token) would read a padding position, so it keeps the fixed length
+    loaded = load_model("cmalign-tiny")
+    assert trims_padding(loaded.model)
+    loaded.model.text_pool_type = "last"
+    assert not trims_padding(loaded.model)
+
+
 def test_fp16_and_int8_graphs_stay_close_and_fp16_pools_on_integer_ids(tiny_export):
     images, captions = _val_inputs(16)
     ref = load_export(tiny_export.out)
