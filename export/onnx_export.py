@@ -148,6 +148,9 @@ def _build(cfg, model, loaded, model_name, pretrained, provenance, tmp: Path, lo
     input_names = {"image": "pixel_values", "text": "input_ids"}
     output_names = {"image": "image_embeds", "text": "text_embeds"}
 
+    # The legacy (TorchScript) exporter bakes the traced sequence length into its Reshape constants: its text
+    # graphs keep the fixed context length.
+    cut_padding = modules["text"].trims_padding and cfg.exporter == "dynamo"
     graphs: dict[str, dict] = {}
     facts = {}
     int8_float = {}
@@ -156,7 +159,7 @@ def _build(cfg, model, loaded, model_name, pretrained, provenance, tmp: Path, lo
         log(f"exporting the {tower} encoder ({cfg.exporter}, opset {cfg.opset})")
         export_graph(modules[tower], torch.from_numpy(arrays[tower][:2]), path, input_names[tower],
                      output_names[tower], cfg.opset, cfg.exporter,
-                     dynamic_length=tower == "text" and modules["text"].trims_padding)
+                     dynamic_length=tower == "text" and cut_padding)
         facts[tower] = check_graph(path)
         if facts[tower]["opset"] != cfg.opset:  # an exporter may fall back to another opset with only a warning
             raise ConfigError(f"the {cfg.exporter} exporter wrote the {tower} encoder at opset "
@@ -175,7 +178,7 @@ def _build(cfg, model, loaded, model_name, pretrained, provenance, tmp: Path, lo
                 check_graph(path)
             log(f"checking {tower} {variant} against torch at batch {', '.join(map(str, PARITY_BATCHES))}")
             parity = graph_parity(path, variant, arrays[tower], reference[tower])
-            if tower == "text" and modules["text"].trims_padding:  # as the runtime runs it: padding cut off
+            if tower == "text" and cut_padding:  # as the runtime runs it: padding cut off
                 trimmed = graph_parity(path, variant, trim_padding(arrays["text"]), reference["text"])
                 parity = {**parity, "trimmed": {"length": int(trim_padding(arrays["text"]).shape[1]), **trimmed},
                           "min_cosine": min(parity["min_cosine"], trimmed["min_cosine"])}

@@ -20,8 +20,8 @@ def test_help_lists_the_commands_in_pipeline_order():
     assert r.exit_code == 0, r.output
     commands = r.output[r.output.index("Commands"):]
     listed = re.findall(r"^│ ([a-z-]+) ", commands, flags=re.M)
-    assert listed == ["fit", "export", "embed", "embed-merge", "index", "index-add", "search", "serve", "adapt",
-                      "adapt-apply", "eval", "sweep", "data"]
+    assert listed == ["fit", "export", "embed", "embed-merge", "embed-import", "index", "index-add", "search",
+                      "serve", "adapt", "adapt-apply", "eval", "sweep", "data"]
 
 
 def _app_raising(exc: Exception) -> typer.Typer:
@@ -57,7 +57,7 @@ def test_every_command_reports_errors_through_the_one_wrapper():
     commands = list(main_app.registered_commands)
     for group in main_app.registered_groups:  # `cmalign data synth`
         commands += group.typer_instance.registered_commands
-    assert len(commands) == 13
+    assert len(commands) == 14
     for command in commands:
         assert getattr(command.callback, "__wrapped__", None) is not None, command.name
 

@@ -110,8 +110,8 @@ def test_a_run_killed_before_its_model_continues_from_its_last_checkpoint(tiny_s
 
 def test_rows_are_the_alphas_then_the_base_model_and_its_posthoc_fixes(tiny_sweep):
     assert [row["name"] for row in tiny_sweep.summary["rows"]] == [
-        "a0", "a0.5", "base", "base+centring", "base+liang", "base+procrustes"]
-    assert [row["kind"] for row in tiny_sweep.summary["rows"]] == ["alpha", "alpha", "base"] + ["posthoc"] * 3
+        "a0", "a0.5", "base", "base+centring", "base+liang", "base+procrustes", "base+grclip"]
+    assert [row["kind"] for row in tiny_sweep.summary["rows"]] == ["alpha", "alpha", "base"] + ["posthoc"] * 4
 
 
 def test_each_row_holds_its_own_eval_figures(tiny_sweep):
@@ -156,7 +156,7 @@ def test_r2_table_is_the_squared_correlation_over_every_row(tiny_sweep):
             x = [r["metrics"][f"gap.{gap}"] for r in rows]
             y = [r["metrics"][metric] for r in rows]
             cell = tiny_sweep.summary["r2"][gap][metric]
-            assert cell["n"] == 6
+            assert cell["n"] == 7
             assert cell["r2"] == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2, rel=1e-9), (gap, metric)
 
 
