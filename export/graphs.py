@@ -110,7 +110,8 @@ def _export_mode():
 def export_graph(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
                  opset: int, exporter: str, dynamic_length: bool = False) -> str:
     """Export with a dynamic batch axis (and, with ``dynamic_length``, a dynamic sequence axis up to the example's
-    length); returns the exporter's console output (kept for the log)."""
+    length: dynamo only, TorchScript bakes the traced length into its Reshape nodes); returns the exporter's console
+    output (kept for the log)."""
     if exporter not in EXPORTERS:
         raise ConfigError(f"unknown exporter '{exporter}': expected one of {', '.join(EXPORTERS)}")
     if example.shape[0] < 2:
@@ -130,8 +131,7 @@ def export_graph(module: torch.nn.Module, example: torch.Tensor, path: Path, inp
         else:
             torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=[output_name],
                               opset_version=opset, dynamo=False,
-                              dynamic_axes={input_name: {0: "batch", **({1: "sequence"} if dynamic_length else {})},
-                                            output_name: {0: "batch"}})
+                              dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
     return log.getvalue()
 
 
