@@ -193,6 +193,21 @@ def other_export(base_model_dir, tmp_path_factory):
     return export_model(ExportConfig(model="cmalign-tiny", out=str(out), retrieval_images=0))
 
 
+def test_overwrite_replaces_a_shard_made_from_other_data(tiny_export, corpus, tmp_path):
+    """--overwrite redoes the shard whatever made it (here: another data set); shards it does not redo must still
+    match the new one."""
+    out = tmp_path / "emb"
+    _embed(tiny_export, corpus["csv"], out)
+    embed_dataset(EmbedConfig(export=str(tiny_export.out), data="generated:val:7", out=str(out), overwrite=True))
+    e = load_embeddings(out)
+    assert len(e.image) == 7 and e.manifest["data"]["path"] == "generated:val:7"
+    two = tmp_path / "two"
+    _embed(tiny_export, corpus["csv"], two, shard="0/2")
+    with pytest.raises(EmbeddingsError, match="its data set differs"):  # shard 0 is not redone: still checked
+        embed_dataset(EmbedConfig(export=str(tiny_export.out), data="generated:val:7", out=str(two), shard="1/2",
+                                  overwrite=True))
+
+
 def test_a_shard_of_another_export_is_refused(tiny_export, other_export, corpus, tmp_path):
     assert other_export.manifest["fingerprint"] != tiny_export.manifest["fingerprint"]
     out = tmp_path / "emb"

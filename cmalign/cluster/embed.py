@@ -142,8 +142,8 @@ def embed_on_ray(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | N
     n = cfg.shards or max(1, math.ceil(len(pairs) / SHARD_IMAGES))
     identity = shard_identity(cfg, model, data_desc, n)
     done = read_shard_manifests(out)
-    check_existing_shards(out, done, identity)
     todo = [i for i in range(n) if cfg.overwrite or i not in done]
+    check_existing_shards(out, {i: m for i, m in done.items() if i not in todo}, identity)  # redone ones: replaced
     result = EmbedResult(out=out, shard=(0, n), images=0, texts=0)
     if not todo:  # a finished job: nothing to schedule, nothing rewritten (merged now if it was not yet)
         try:

@@ -166,7 +166,8 @@ def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | 
                         if len(done) == n and not (out / "manifest.json").is_file() else "")
             raise OutputExistsError(f"{paths['manifest']} exists: shard {index}/{n} is already done "
                                     f"(pass --overwrite to redo it){unmerged}")
-        check_compatible(existing, identity, str(shard_paths(out, i)["manifest"]))
+        if i != index:  # the shard being redone is replaced whatever made it; the others must match the new one
+            check_compatible(existing, identity, str(shard_paths(out, i)["manifest"]))
 
     mine = slice_pairs(pairs, index, n)
     img_emb, img_rows, bad = _embed_images(model, mine, cfg, progress)
