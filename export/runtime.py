@@ -189,6 +189,20 @@ class ExportedModel:
             tokens = trim_padding(tokens)
         return self._run("text", tokens)
 
+    def encode_tokens_batched(self, tokens: np.ndarray, batch_size: int) -> np.ndarray:
+        """``encode_tokens`` in batches of ``batch_size`` rows; with a graph that skips padding, the rows are run
+        shortest first, so that each batch is cut at its own longest caption rather than at a long caption's that
+        happens to share it. Rows come back in their order."""
+        order = np.arange(len(tokens))
+        if self.trims_padding and len(tokens) > batch_size:
+            lengths = tokens.shape[1] - np.argmax(tokens[:, ::-1] != 0, axis=1)  # last non-zero column + 1 (EOT)
+            order = np.argsort(lengths, kind="stable")
+        out = np.empty((len(tokens), self.embed_dim), np.float32)
+        for i in range(0, len(order), batch_size):
+            rows = order[i:i + batch_size]
+            out[rows] = self.encode_tokens(tokens[rows])
+        return out
+
     def _run(self, tower: str, x: np.ndarray) -> np.ndarray:
         session = self._sessions[tower]
         if len(x) == 0:
@@ -220,8 +234,7 @@ class ExportedModel:
                 raise TypeError(f"texts[{i}] is {type(t).__name__}; expected str")
         if not texts:
             return np.zeros((0, self.embed_dim), np.float32)
-        return np.concatenate([self.encode_tokens(self.tokenize(texts[i:i + batch_size]))
-                               for i in range(0, len(texts), batch_size)])
+        return self.encode_tokens_batched(self.tokenize(texts), batch_size)
 
     def __repr__(self) -> str:
         return (f"ExportedModel({str(self.path)!r}, variant={self.variant!r}, providers={self.providers}, "

@@ -98,9 +98,8 @@ class _Encoder:
             image[mine] = self.model.encode_pixels(self.model.preprocessor.normalise(batch["pixels"][mine]))
         captions = [list(c) if good else [] for c, good in zip(batch["captions"], ok, strict=True)]
         flat = [c for row in captions for c in row]
-        texts = [self.model.encode_tokens(self.model.tokenize(flat[i:i + self.text_batch]))
-                 for i in range(0, len(flat), self.text_batch)]
-        text = np.concatenate(texts) if texts else np.zeros((0, d), np.float32)
+        text = self.model.encode_tokens_batched(self.model.tokenize(flat), self.text_batch) if flat \
+            else np.zeros((0, d), np.float32)
         ends = np.cumsum([len(row) for row in captions])
         per_row = np.empty(len(ok), dtype=object)  # ragged: Ray Data stores it as a variable-shaped tensor column
         per_row[:] = [text[e - len(row):e] for e, row in zip(ends, captions, strict=True)]

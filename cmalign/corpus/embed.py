@@ -215,6 +215,9 @@ def merge_if_complete(out: Path, n: int) -> dict | None:
         return None  # another shard is still writing; `cmalign embed-merge` finishes the job
 
 
+TEXT_WINDOW = 16  # text batches sorted by length together (16 x 256 captions: ~2 MB of token ids)
+
+
 @dataclass
 class WrittenShard:
     skipped: list[BadSample]
@@ -345,11 +348,13 @@ def _embed_images(model: ExportedModel, pairs: list[_Pair], cfg: EmbedConfig, pr
 
 def _embed_texts(model: ExportedModel, texts: list[str], cfg: EmbedConfig, progress) -> np.ndarray:
     step = cfg.batch_size * 4
-    batches = [texts[i:i + step] for i in range(0, len(texts), step)]
+    # Windows of TEXT_WINDOW batches: within one, captions run shortest first (each batch cut at its own longest
+    # caption, see ExportedModel.encode_tokens_batched); the BPE tokenizer is Python, and one thread tokenises the
+    # next window while onnxruntime runs this one.
+    windows = [texts[i:i + step * TEXT_WINDOW] for i in range(0, len(texts), step * TEXT_WINDOW)]
     embs, done = [], 0
-    # The BPE tokenizer is Python; one thread tokenises the next batch while onnxruntime runs this one.
-    for tokens in prefetch_map(model.tokenize, batches, workers=1):
-        embs.append(model.encode_tokens(tokens))
+    for tokens in prefetch_map(model.tokenize, windows, workers=1):
+        embs.append(model.encode_tokens_batched(tokens, step))
         done += len(tokens)
         if progress:
             progress("texts", done, len(texts))
