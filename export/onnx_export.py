@@ -179,8 +179,9 @@ def _build(cfg, model, loaded, model_name, pretrained, provenance, tmp: Path, lo
             log(f"checking {tower} {variant} against torch at batch {', '.join(map(str, PARITY_BATCHES))}")
             parity = graph_parity(path, variant, arrays[tower], reference[tower])
             if tower == "text" and cut_padding:  # as the runtime runs it: padding cut off
-                trimmed = graph_parity(path, variant, trim_padding(arrays["text"]), reference["text"])
-                parity = {**parity, "trimmed": {"length": int(trim_padding(arrays["text"]).shape[1]), **trimmed},
+                cut = trim_padding(arrays["text"])
+                trimmed = graph_parity(path, variant, cut, reference["text"])
+                parity = {**parity, "trimmed": {"length": int(cut.shape[1]), **trimmed},
                           "min_cosine": min(parity["min_cosine"], trimmed["min_cosine"])}
             bound = mf.MIN_COSINE[variant]
             if not parity["min_cosine"] >= bound:

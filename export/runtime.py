@@ -30,7 +30,7 @@ from cmalign.export.manifest import (
 )
 from cmalign.export.prefetch import prefetch_map
 from cmalign.export.preprocess import ImagePreprocessor
-from cmalign.export.tokenizer import ClipTokenizer, trim_padding
+from cmalign.export.tokenizer import ClipTokenizer, token_lengths, trim_padding
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -195,8 +195,7 @@ class ExportedModel:
         happens to share it. Rows come back in their order."""
         order = np.arange(len(tokens))
         if self.trims_padding and len(tokens) > batch_size:
-            lengths = tokens.shape[1] - np.argmax(tokens[:, ::-1] != 0, axis=1)  # last non-zero column + 1 (EOT)
-            order = np.argsort(lengths, kind="stable")
+            order = np.argsort(token_lengths(tokens), kind="stable")
         out = np.empty((len(tokens), self.embed_dim), np.float32)
         for i in range(0, len(order), batch_size):
             rows = order[i:i + batch_size]

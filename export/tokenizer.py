@@ -357,17 +357,19 @@ class ClipTokenizer:
         return tok
 
 
-def trim_padding(tokens: np.ndarray) -> np.ndarray:
-    """``tokens`` without the padding columns after every row's last token (at least 2 columns).
+def token_lengths(tokens: np.ndarray) -> np.ndarray:
+    """Each row's length up to its last non-zero id (0 for an all-padding row).
 
     Padding is id 0 at the end of a row; id 0 is also a real token ("!"), but every row ends with the EOT id, so the
     last non-zero column of a row is its EOT (or the context length, where open_clip truncates onto an EOT).
     """
     nonzero = tokens != 0
-    if not nonzero.any():
-        return tokens[:, :2]
-    last = tokens.shape[1] - int(np.argmax(nonzero[:, ::-1], axis=1)[nonzero.any(axis=1)].min())
-    return tokens[:, :max(2, last)]
+    return np.where(nonzero.any(axis=1), tokens.shape[1] - np.argmax(nonzero[:, ::-1], axis=1), 0)
+
+
+def trim_padding(tokens: np.ndarray) -> np.ndarray:
+    """``tokens`` without the padding columns after every row's last token (at least 2 columns)."""
+    return tokens[:, :max(2, int(token_lengths(tokens).max(initial=0)))]
 
 
 def save_tokenizer(open_clip_tokenizer, out_dir: str | os.PathLike) -> dict:

@@ -22,6 +22,7 @@ from cmalign.adapter.weights import GELU_C, AdapterWeights
 from cmalign.artifacts.atomic import atomic_dir, write_json
 from cmalign.artifacts.checksums import sha256_file
 from cmalign.export import manifest as mf
+from cmalign.metrics.vectors import row_cosines
 
 UNADAPTED = "/unadapted"  # suffix given to the base graph's output inside a fused graph
 
@@ -140,8 +141,7 @@ def derive_export(base_dir: str | Path, adapter_dir: str | Path, out: str | Path
                     shutil.copy2(src, dst)  # unchanged (a query adapter leaves the image graph as it is)
                 expected = weights.apply(tower, _run(src, inputs[tower], variant))
                 got = _run(dst, inputs[tower], variant)
-                cos = float(np.min(np.sum(expected * got, axis=1) /
-                                   (np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1))))
+                cos = float(row_cosines(expected, got).min())
                 bound = mf.MIN_COSINE["fp32"]  # against its own base variant: only the fp32 adapter ops differ
                 if not cos >= bound:
                     raise ParityError(f"{tower} graph ({variant}) with the adapter: min cosine {cos:.7f} to the base "

@@ -27,6 +27,7 @@ import cmalign
 from cmalign.artifacts.atomic import atomic_dir, write_json
 from cmalign.artifacts.outputs import check_output
 from cmalign.corpus.store import KIND, EmbeddingsError, merged_manifest, save_metadata, shard_paths
+from cmalign.metrics.vectors import row_cosines
 
 VERIFY_CAPTIONS = 16
 VERIFY_MIN_COSINE = 0.99  # float16 storage costs ~1e-4 of cosine; another model's vectors land near 0
@@ -117,16 +118,13 @@ def _read_metadata(path: Path | None, rows: int) -> dict[str, list]:
     return {"image_path": column("image_path", "url"), "caption": column("caption"), "key": column("key")}
 
 
-def _verify(export, shard: dict, meta: dict) -> dict:
-    """The export re-encodes the first captions; their stored vectors must match."""
+def _verify(export, shard: dict, text: np.ndarray, meta: dict) -> dict:
+    """The export re-encodes the first captions; their stored vectors (``text``, the shard's) must match."""
     rows = [i for i, c in enumerate(meta["caption"][:VERIFY_CAPTIONS * 4]) if c][:VERIFY_CAPTIONS]
     if not rows:
         raise EmbeddingsError(f"{shard['metadata'] or shard['text']}: no captions in the metadata to check the "
                               "vectors against the export with; pass --no-verify if you are sure which model made them")
-    stored = np.asarray(_read_vectors(shard["text"])[rows], np.float32)
-    fresh = export.encode_texts([meta["caption"][i] for i in rows])
-    cos = np.sum(stored * fresh, 1) / np.maximum(np.linalg.norm(stored, axis=1) * np.linalg.norm(fresh, axis=1),
-                                                 1e-12)
+    cos = row_cosines(text[rows], export.encode_texts([meta["caption"][i] for i in rows]))
     worst = int(np.argmin(cos))
     if not cos[worst] >= VERIFY_MIN_COSINE:
         raise EmbeddingsError(
@@ -174,7 +172,7 @@ def import_clip_retrieval(cfg: ImportConfig) -> ImportResult:
     dtypes = {v[0].dtype for v in vectors}
     if len(dtypes) > 1:
         raise EmbeddingsError(f"{src}: shards of different dtypes ({', '.join(sorted(map(str, dtypes)))})")
-    verified = _verify(export, shards[0], metas[0]) if cfg.verify else {"skipped": "--no-verify"}
+    verified = _verify(export, shards[0], vectors[0][1], metas[0]) if cfg.verify else {"skipped": "--no-verify"}
     check_output(out, KIND, inputs=[src, Path(cfg.export)], overwrite=cfg.overwrite)
     n, offset, linked = len(shards), 0, True
     identity = {"export": str(Path(cfg.export).resolve()), "export_fingerprint": export.fingerprint,

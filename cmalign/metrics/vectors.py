@@ -10,3 +10,8 @@ def l2_normalize(a, eps: float = 1e-12, dtype=np.float32) -> np.ndarray:
     instead of becoming NaN."""
     a = np.asarray(a, np.float64)
     return (a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), eps)).astype(dtype)
+
+
+def row_cosines(a, b) -> np.ndarray:
+    """Cosine of row i of ``a`` with row i of ``b``, in float64: what the parity and model checks compare."""
+    return (l2_normalize(a, dtype=np.float64) * l2_normalize(b, dtype=np.float64)).sum(-1)
