@@ -8,8 +8,9 @@ ablations at α = 0.5 — no curriculum (full α from step 0) with the gradient-
 the default curriculum without the scheduler — each evaluated with `cmalign eval` (bootstrap 95 % intervals), with
 the base model and its post-hoc fixes. Then per seed a *new-domain* sweep (``OUT/new-domain-seed-N``): the
 generated set as photographic negatives (every image's colours inverted, captions unchanged, so "red" now shows
-cyan: what the base learned about colour is wrong there), 60 steps at α = 0 and α = 0.5, evaluated on the negative
-validation split. Figures are means over seeds with a 95 % t-interval (n = 3: ± 4.30 · sd / √3).
+cyan: what the base learned about colour is wrong there), 60 steps at α = 0 and α = 0.5 (and α = 0.5 with a
+fixed-length warm-up, the curriculum before its settle gate), evaluated on the negative validation split.
+Figures are means over seeds with a 95 % t-interval (n = 3: ± 4.30 · sd / √3).
 
 Resumable (each part is a sweep). Writes benchmarks/results/paper_table.md and paper_table.json.
 """
@@ -27,14 +28,15 @@ from pathlib import Path
 
 from cmalign.sweep.run import SweepConfig, sweep
 
+NO_CURRICULUM = {"curriculum.warmup_fraction": 0.0, "curriculum.intro_fraction": 0.0,
+                 "curriculum.full_ramp_fraction": 0.0, "curriculum.settle_tolerance": 0.0}
 ABLATIONS = {
-    "a0.5-no-curriculum": {"alpha_target": 0.5, "curriculum.warmup_fraction": 0.0, "curriculum.intro_fraction": 0.0,
-                           "curriculum.full_ramp_fraction": 0.0},
-    "a0.5-no-curriculum-no-scheduler": {"alpha_target": 0.5, "curriculum.warmup_fraction": 0.0,
-                                        "curriculum.intro_fraction": 0.0, "curriculum.full_ramp_fraction": 0.0,
-                                        "scheduler.mode": "off"},
+    "a0.5-no-curriculum": {"alpha_target": 0.5, **NO_CURRICULUM},
+    "a0.5-no-curriculum-no-scheduler": {"alpha_target": 0.5, **NO_CURRICULUM, "scheduler.mode": "off"},
     "a0.5-no-scheduler": {"alpha_target": 0.5, "scheduler.mode": "off"},
 }
+# on the new domain: the warm-up of a fixed length (the curriculum before the settle gate)
+DOMAIN_ABLATIONS = {"a0.5-fixed-warmup": {"alpha_target": 0.5, "curriculum.settle_tolerance": 0.0}}
 # 97.5 % quantile of Student's t with n − 1 degrees of freedom (scipy is not needed for three numbers)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 FIGURES = [  # (metric key, label, format)
@@ -144,23 +146,34 @@ def main() -> None:
     ap.add_argument("--no-new-domain", action="store_true")
     ap.add_argument("--domain-steps", type=int, default=60)
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--default-from", default=None, metavar="JSON",
+                    help="take the default-domain sweeps from this earlier paper_table.json instead of running them "
+                         "(for a change that leaves the default recipe's training unchanged; the table says so)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     alphas = tuple(float(a) for a in args.alphas.split(","))
     out = Path(args.out)
     ablation_seeds = seeds if args.ablation_seeds is None else [int(s) for s in args.ablation_seeds.split(",")]
     main_results, domain_results = [], []
+    reused = json.loads(Path(args.default_from).read_text()) if args.default_from else None
+    if reused:
+        from types import SimpleNamespace
+
+        main_results = [SimpleNamespace(summary=s, out=None) for s in reused["default_domain"]]
+        seeds, alphas = reused["seeds"], tuple(reused["alphas"])
     for seed in seeds:
-        print(f"== seed {seed}: sweep of the default recipe")
-        variants = {} if args.no_ablations or seed not in ablation_seeds else ABLATIONS
-        main_results.append(sweep(SweepConfig(alphas=alphas, out=str(out / f"seed-{seed}"), jobs=args.jobs, seed=seed,
-                                              variants=variants), log=print))
+        if not reused:
+            print(f"== seed {seed}: sweep of the default recipe")
+            variants = {} if args.no_ablations or seed not in ablation_seeds else ABLATIONS
+            main_results.append(sweep(SweepConfig(alphas=alphas, out=str(out / f"seed-{seed}"), jobs=args.jobs,
+                                                  seed=seed, variants=variants), log=print))
         if not args.no_new_domain:
             print(f"== seed {seed}: {args.domain_steps} steps on the negative domain")
             train, val = write_negative_domain(out / f"negative-data-{seed}", seed)
             domain_results.append(sweep(SweepConfig(alphas=(0.0, 0.5), out=str(out / f"new-domain-seed-{seed}"),
                                                     data=train, val=val, steps=args.domain_steps, seed=seed,
-                                                    jobs=args.jobs, baselines=True), log=print))
+                                                    jobs=args.jobs, baselines=True, variants=DOMAIN_ABLATIONS),
+                                        log=print))
     seed_rows = [by_name(r) for r in main_results]
     names = [f"a{a:g}" for a in alphas] + ([] if args.no_ablations else list(ABLATIONS)) + \
         ["base", "base+centring", "base+liang", "base+procrustes"]
@@ -192,7 +205,8 @@ def main() -> None:
     domain_lines = []
     if domain_results:
         d_rows = [by_name(r) for r in domain_results]
-        domain_lines = table(d_rows, [n for n in ("a0", "a0.5", "base") if any(n in r for r in d_rows)], "base")
+        names = [n for n in ("a0", "a0.5", *DOMAIN_ABLATIONS, "base") if any(n in r for r in d_rows)]
+        domain_lines = table(d_rows, names, "base")
         d = paired(d_rows, "a0.5", "a0", "zeroshot.top1")
         checks.append(("new domain, 60 steps: α=0.5 loses ≤ 5 % zero-shot against α=0", verdict(d, 0.05),
                        f"{100 * d[2]:+.1f} % ({d[0]:+.4f} ± {d[1]:.4f})"))
@@ -223,8 +237,12 @@ def main() -> None:
         f"{platform.python_version()}; {versions}; compute {compute:.0f} min (fits + evals, from their records).",
         "", "Each cell: mean over seeds ± half-width of its 95 % t-interval (the run's seed count in its name). Made "
         f"by `.venv/bin/python benchmarks/paper_table.py --seeds {args.seeds} --alphas {args.alphas}"
-        f"{' --ablation-seeds ' + args.ablation_seeds if args.ablation_seeds else ''}`.", "",
-        "## Default domain (300 steps from the cached base)", "", *lines, "",
+        f"{' --ablation-seeds ' + args.ablation_seeds if args.ablation_seeds else ''}"
+        f"{' --default-from ' + args.default_from if args.default_from else ''}`.", "",
+        "## Default domain (300 steps from the cached base)", "",
+        *([f"These rows are taken from the run of {s0['created']} (`--default-from {args.default_from}`): the change "
+           "since leaves the default recipe's training unchanged.", ""] if reused else []),
+        *lines, "",
         *(["## New domain: photographic negatives, "
            f"{args.domain_steps} steps (evaluated on negative validation images)", "", *domain_lines, ""]
           if domain_lines else []),
@@ -240,7 +258,7 @@ def main() -> None:
     dest = results / "paper_table"  # the first seed's sweep report, as `cmalign sweep` writes it
     dest.mkdir(exist_ok=True)
     for f in ("report.md", "sweep.json", "pareto.png", "tradeoffs.png", "gap_vs_task.png"):
-        if (main_results[0].out / f).exists():
+        if main_results[0].out is not None and (main_results[0].out / f).exists():
             shutil.copy(main_results[0].out / f, dest / f)
     print(text)
 

@@ -200,3 +200,8 @@ def print_summary(console, result) -> None:
     console.print(table)
     console.print(f"model: local-dir:{result.model_dir}   ({result.seconds:.0f} s"
                   + (f", {result.skipped_samples} samples skipped" if result.skipped_samples else "") + ")")
+    w = result.warmup
+    if w.get("reason") == "warmup_max_fraction":
+        console.print(f"[yellow]note:[/] the contrastive loss was still falling when the warm-up reached its maximum "
+                      f"(step {w['ended_at_step']}), so alignment ran only in the last steps and closed little of "
+                      "the gap. Train longer (--steps) to align on this data (docs/method.md#curriculum).")

@@ -71,7 +71,7 @@ def test_conflicting_block_is_throttled_and_aligned_block_left_alone() -> None:
     assert m.cos["second"] == pytest.approx(1.0, abs=1e-6)
     assert sched.scales["first"] == 0.25  # max(min_lr_scale, 1 + cos) = max(0.25, 0)
     assert sched.scales["second"] == 1.0
-    assert sched.to_log() == {"blocks_throttled": 0.5, "block_lr_scale_mean": 0.625}
+    assert sched.to_log() == {"blocks_throttled": 0.5, "block_lr_scale_mean": 0.625, "alpha_scale": 1.0}
 
 
 def test_partial_conflict_scales_by_one_plus_cosine() -> None:
@@ -112,15 +112,48 @@ def test_throttled_block_recovers_once_the_conflict_passes() -> None:
     assert sched.scales["first"] == 0.25
 
 
+def test_alpha_is_scaled_when_the_alignment_gradient_outweighs_the_contrastive_one() -> None:
+    # over the model α|g_a| / |g_c| = 0.5 · sqrt(8 + 8) / sqrt(1 + 1) = 1.41 > ρ_α = 0.5: α_eff = α · 0.5 / 1.41
+    sched = scheduler(balance_ratio=0.5, block_max_ratio=100.0)
+    m = sched.update({"first": (2.0, 1.0, 8.0), "second": (2.0, 1.0, 8.0)}, alpha=0.5)
+    assert m.model_ratio == pytest.approx(0.5 * 8 ** 0.5)
+    assert sched.alpha_scale == pytest.approx(0.5 / (0.5 * 8 ** 0.5))
+    assert sched.scales == {"first": 1.0, "second": 1.0}  # aligned, under ρ: the blocks keep their lr
+    # measured again at the α that acted, now under ρ_α: the scale recovers by EMA towards 1, not at once
+    low = sched.alpha_scale
+    m = sched.update({"first": (0.1, 1.0, 0.01), "second": (0.1, 1.0, 0.01)}, alpha=0.5 * low)
+    assert m.model_ratio < 0.5
+    assert sched.alpha_scale == pytest.approx(low + 0.5 * (1.0 - low))
+    assert sched.to_log()["alpha_scale"] == sched.alpha_scale
+    assert sched.min_alpha_scale_seen == pytest.approx(low)
+
+
+def test_alpha_balance_off_and_under_ratio_leave_alpha_alone() -> None:
+    assert GradSchedulerConfig().balance_ratio == 0.0  # opt-in: it did not earn the default (docs/method.md)
+    off = scheduler(balance_ratio=0.0)
+    off.update({"first": (2.0, 1.0, 100.0), "second": (2.0, 1.0, 100.0)}, alpha=0.5)
+    assert off.alpha_scale == 1.0
+    under = scheduler(balance_ratio=2.0)
+    under.update({"first": (0.5, 1.0, 1.0), "second": (0.5, 1.0, 1.0)}, alpha=1.0)  # model ratio 1
+    assert under.alpha_scale == 1.0
+
+
 def test_state_resumes_exactly() -> None:
-    model, a = TwoBlocks(), scheduler()
+    model, a = TwoBlocks(), scheduler(balance_ratio=2.0)
     a.update(block_sums(model, *opposing_losses(model)), alpha=1.0)
-    b = scheduler()
+    b = scheduler(balance_ratio=2.0)
     b.load_state_dict(a.state_dict())
     assert b.state_dict() == a.state_dict()
     for sched in (a, b):
         sched.update({"first": (0.1, 1.0, 1.0), "second": (-0.2, 1.0, 1.0)}, alpha=1.0)
+        sched.update({"first": (0.1, 1.0, 90.0), "second": (-0.2, 1.0, 1.0)}, alpha=1.0)  # lowers α
+    assert a.alpha_scale < 1.0
     assert b.state_dict() == a.state_dict()
+    # a checkpoint written before the α balance existed: α was never scaled
+    old = {k: v for k, v in a.state_dict().items() if "alpha" not in k}
+    c = scheduler()
+    c.load_state_dict(old)
+    assert c.alpha_scale == 1.0 and c.min_alpha_scale_seen == 1.0
 
 
 def test_due_only_in_acting_phases_every_k_steps_with_alpha() -> None:
@@ -184,3 +217,21 @@ def test_measuring_step_accumulates_the_plain_gradient(tiny, grad_div: float) ->
     assert blocks.measurements == 1 and d.blocks is not None
     assert set(d.blocks.cos) == set(blocks.blocks)
     assert d.to_log()["block_cos_min"] == min(c for c in d.blocks.cos.values() if c is not None)
+
+
+def test_step_weights_the_alignment_term_by_alpha_times_its_scale(tiny) -> None:
+    model, images, tokens = tiny
+    cfg = GradSchedulerConfig(mode="block")
+    step = TPCCMAStep(model, CMALoss(), GradScheduler(cfg),
+                      blocks=BlockScheduler(cfg, list(parameter_blocks(model.named_parameters()))))
+    model.zero_grad(set_to_none=True)
+    row, d = step(images, tokens, 0.5, nullcontext, None, alpha_scale=0.25)
+    scaled = _grads(model)
+    model.zero_grad(set_to_none=True)
+    ref_row, _ = step(images, tokens, 0.125, nullcontext, None)
+    ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    assert (d.alpha, d.alpha_eff) == (0.5, 0.125)
+    assert row["total"] == pytest.approx(ref_row["total"], rel=1e-6)
+    for n, g in ref.items():
+        assert float((scaled[n] - g).norm()) <= 1e-5 * float(g.norm()) + 1e-12, n

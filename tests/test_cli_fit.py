@@ -256,7 +256,8 @@ def test_a_non_finite_gradient_stops_the_fit_with_the_last_good_checkpoint(tmp_p
         return out
 
     monkeypatch.setattr(TPCCMAStep, "__call__", inf_gradient)
-    res = _fit(tmp_path, "--steps", "10", "--checkpoint-every", "4")
+    # a fixed warm-up: α (and so the poisoned term) acts from step 3, settled loss or not
+    res = _fit(tmp_path, "--steps", "10", "--checkpoint-every", "4", "--set", "curriculum.settle_tolerance=0")
     assert res.exit_code == 2
     msg = " ".join(res.output.split())
     assert "error: step 5: gradient norm is inf. Stopped; last good checkpoint:" in msg
@@ -284,7 +285,8 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(CMALoss, "alignment_terms", poisoned)
-    res = _fit(tmp_path, "--steps", "10", "--checkpoint-every", "4")
+    # a fixed warm-up: α (and so the poisoned term) acts from step 3, settled loss or not
+    res = _fit(tmp_path, "--steps", "10", "--checkpoint-every", "4", "--set", "curriculum.settle_tolerance=0")
     assert res.exit_code == 2
     msg = " ".join(res.output.split())
     assert "step 6" in msg and "nan" in msg.lower() and "step_00000004.pt" in msg  # steps count from 1, as logged

@@ -243,6 +243,10 @@ def test_config_written_before_the_relayout_loads_with_its_hash_and_keys(name: s
     # as it was, though the default is now 3
     assert {k for k in new["loss"] if k not in old["loss"]} == {"lambda_paired"} and new["loss"]["lambda_paired"] == 0
     new["loss"].pop("lambda_paired")
+    # and the warm-up's settle gate: off (a fixed warm-up) for a file written before it, the identity unchanged
+    gate = {k: new["curriculum"].pop(k) for k in ("settle_tolerance", "settle_window", "warmup_max_fraction")}
+    assert gate["settle_tolerance"] == 0 and cfg.curriculum.settle_tolerance == 0
+    assert added["balance_ratio"] == 0  # the α balance: off
     assert {k: v for k, v in new.items() if k != "scheduler"} == {k: v for k, v in old.items() if k != "scheduler"}
 
 
@@ -254,7 +258,18 @@ def test_defaults_with_the_earlier_scheduler_hash_as_before_the_relayout() -> No
     cfg.scheduler.mode = "project"
     assert cfg.hash() != PRE_MOVE_HASHES["default"]  # the paired term became the default too
     cfg.loss.lambda_paired = 0.0
+    assert cfg.hash() != PRE_MOVE_HASHES["default"]  # the warm-up's settle gate too
+    cfg.curriculum.settle_tolerance = 0.0
     assert cfg.hash() == PRE_MOVE_HASHES["default"]
+
+
+def test_a_complete_old_curriculum_table_means_a_fixed_warmup_and_a_partial_one_the_gate(tmp_path) -> None:
+    old = tmp_path / "old.toml"
+    old.write_text('[curriculum]\nwarmup_fraction = 0.3\nramp = "linear"\n')  # ramp: always written
+    assert load_config(old).curriculum.settle_tolerance == 0.0
+    partial = tmp_path / "partial.toml"
+    partial.write_text("[curriculum]\nwarmup_fraction = 0.3\n")
+    assert load_config(partial).curriculum.settle_tolerance == 0.05
 
 
 def test_a_partial_loss_table_gets_the_paired_terms_default_and_a_complete_old_one_zero(tmp_path) -> None:
@@ -289,7 +304,8 @@ def test_sweep_runs_keep_the_identity_they_had_before_the_relayout() -> None:
     from cmalign.sweep.run import RunSpec, fit_config
 
     cfg = fit_config(SweepConfig(steps=50, fit_overrides={"optim.lr": "1e-3", "scheduler.mode": "project",
-                                                          "loss.lambda_paired": "0"}),
+                                                          "loss.lambda_paired": "0",
+                                                          "curriculum.settle_tolerance": "0"}),
                      RunSpec("a0.5", 0.5, {}, "alpha"), Path("sweeps/default/runs/a0.5"))
     assert cfg.hash() == PRE_MOVE_HASHES["sweep_a0.5"]
 

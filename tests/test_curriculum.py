@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from cmalign.objective.curriculum import RAMPS, CurriculumConfig, alpha_at
+from cmalign.errors import ConfigError
+from cmalign.objective.curriculum import RAMPS, CurriculumConfig, WarmupGate, alpha_at
 
 TOTAL = 100
 TARGET = 0.8
@@ -201,3 +202,71 @@ def test_warmup_plus_intro_above_one_raises() -> None:
     with pytest.raises(ValueError, match="warmup_fraction"):
         CurriculumConfig(warmup_fraction=0.6, intro_fraction=0.5)
     CurriculumConfig(warmup_fraction=0.5, intro_fraction=0.5)  # exactly 1 is allowed
+
+
+# ------------------------------------------------------------------ the warm-up's settle gate
+
+
+def gated(cfg: CurriculumConfig, losses, total: int = TOTAL, target: float = TARGET):
+    """(α, phase) per step, the gate fed ``losses[step]`` after each step, as the trainers do; and the gate."""
+    gate = WarmupGate(cfg, total)
+    out = []
+    for step in range(total):
+        out.append(gate.alpha_at(step, target))
+        gate.observe(losses(step))
+    return out, gate
+
+
+def test_a_settled_loss_ends_the_warmup_at_warmup_fraction_as_the_fixed_schedule() -> None:
+    cfg = CurriculumConfig(warmup_fraction=0.2)
+    out, gate = gated(cfg, lambda s: 1.3 + 0.1 * (-1) ** s)  # flat, with noise
+    assert out == schedule(CurriculumConfig(warmup_fraction=0.2, settle_tolerance=0.0))
+    assert (gate.warmup_end, gate.settled) == (0.2, True)
+
+
+def test_a_loss_still_falling_holds_the_warmup_until_warmup_max_fraction() -> None:
+    cfg = CurriculumConfig(warmup_fraction=0.2, intro_fraction=0.3, warmup_max_fraction=0.6)
+    out, gate = gated(cfg, lambda s: 70.0 * 0.9 ** s)  # 10 % down every step: never settles
+    assert all(a == 0.0 and p == 1 for a, p in out[:60])
+    assert (gate.warmup_end, gate.settled) == (0.6, False)
+    # the introduction keeps its share of what is left: 0.3 of 0.8 before, 0.3 · 0.4 / 0.8 = 0.15 of the run now
+    assert [p for _, p in out[60:]] == [2] * 15 + [3] * 25
+    assert out[-1][0] == TARGET
+
+
+def test_the_warmup_ends_when_the_loss_settles() -> None:
+    # falling by 0.1 a step until step 40, flat after: windows of 5 steps; at step 49 the last window (44–48) is
+    # 2 % below the one before (39–43), at step 48 still 5.7 %
+    cfg = CurriculumConfig(warmup_fraction=0.2, settle_window=0.05, settle_tolerance=0.05)
+    out, gate = gated(cfg, lambda s: 5.0 - 0.1 * min(s, 40))
+    assert gate.settled is True and gate.warmup_end == 0.49
+    end = round(gate.warmup_end * TOTAL)
+    assert out[end - 1] == (0.0, 1) and out[end][1] == 2
+
+
+def test_the_gate_resumes_exactly() -> None:
+    cfg = CurriculumConfig(warmup_fraction=0.1)
+    losses = lambda s: 10.0 * 0.95 ** s + 1.0  # noqa: E731
+    whole, _ = gated(cfg, losses)
+    first = WarmupGate(cfg, TOTAL)
+    out = []
+    for step in range(30):
+        out.append(first.alpha_at(step, TARGET))
+        first.observe(losses(step))
+    second = WarmupGate(cfg, TOTAL)
+    second.load_state_dict(first.state_dict())
+    for step in range(30, TOTAL):
+        out.append(second.alpha_at(step, TARGET))
+        second.observe(losses(step))
+    assert out == whole
+
+
+def test_a_fixed_warmup_ignores_the_losses() -> None:
+    cfg = CurriculumConfig(settle_tolerance=0.0)
+    out, gate = gated(cfg, lambda s: 70.0 * 0.9 ** s)
+    assert out == schedule(cfg) and gate.settled is None
+
+
+def test_warmup_max_fraction_below_warmup_fraction_raises() -> None:
+    with pytest.raises(ConfigError, match="warmup_max_fraction"):
+        CurriculumConfig(warmup_fraction=0.5, warmup_max_fraction=0.4)

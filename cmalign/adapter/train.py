@@ -113,7 +113,7 @@ def adapt(cfg: AdaptConfig, resume: bool = False, console=None, show_progress: b
     from cmalign.model.loading import param_groups
     from cmalign.objective.block_scheduler import BlockScheduler, parameter_blocks
     from cmalign.objective.cma_loss import CMALoss
-    from cmalign.objective.curriculum import alpha_at
+    from cmalign.objective.curriculum import WarmupGate
     from cmalign.objective.grad_scheduler import GradScheduler
     from cmalign.objective.step import TPCCMAStep, TrainingDiverged
     from cmalign.train.optimizer import (
@@ -149,6 +149,7 @@ def adapt(cfg: AdaptConfig, resume: bool = False, console=None, show_progress: b
               if cfg.scheduler.mode == "block" else None)
     step_fn = TPCCMAStep(model, CMALoss(cfg.loss), scheduler, blocks=blocks)
     start = 0
+    warmup = WarmupGate(cfg.curriculum, cfg.steps)
     if state is not None:
         if state["config_hash"] != cfg.hash() or state["embeddings_fingerprint"] != pairs.fingerprint:
             raise AdapterError(f"{out}: its checkpoint was made with other settings or other embeddings")
@@ -157,6 +158,8 @@ def adapt(cfg: AdaptConfig, resume: bool = False, console=None, show_progress: b
         scheduler.load_state_dict(state["scheduler"])
         if blocks is not None:
             blocks.load_state_dict(state["blocks"])
+        if state.get("warmup"):
+            warmup.load_state_dict(state["warmup"])
         start = int(state["step"])
     held = pairs.held_out(val_images) if len(val_images) else None  # read once for the before and after figures
     before = _evaluate(AlignmentAdapter(pairs.dim, cfg.kind, cfg.rank, hidden=cfg.hidden), held) if held else {}
@@ -173,12 +176,12 @@ def adapt(cfg: AdaptConfig, resume: bool = False, console=None, show_progress: b
             disable=not show_progress) as bar:
         task = bar.add_task("adapt", total=cfg.steps, completed=start, info="")
         for step in range(start, cfg.steps):
-            alpha, phase = alpha_at(step, cfg.steps, cfg.alpha_target, cfg.curriculum)
+            alpha, phase = warmup.alpha_at(step, cfg.alpha_target)
             img, txt = pairs.batch(train_images, cfg.seed, step, cfg.batch_size)
             measure = blocks is not None and blocks.due(step, phase, alpha)
             try:
                 row, d = step_fn(torch.from_numpy(img), torch.from_numpy(txt), alpha, nullcontext,
-                                 measure_blocks=measure)
+                                 measure_blocks=measure, alpha_scale=blocks.alpha_scale if blocks else 1.0)
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"step {step + 1}: {e}. Try a lower --lr.") from None
             grad_norm = clip_gradients(optimizer, None, params, cfg.grad_clip)
@@ -188,7 +191,9 @@ def adapt(cfg: AdaptConfig, resume: bool = False, console=None, show_progress: b
                 apply_block_scales(optimizer, blocks.scales)
             lr = lr_schedule(step, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio, cfg.steps) * d.lr_scale
             step_optimizer(model, optimizer, None, lr)
-            entry = {"step": step + 1, "phase": phase, "alpha": alpha, "lr": lr, "grad_norm": grad_norm, **row,
+            warmup.observe(row["clip"])
+            entry = {"step": step + 1, "phase": phase, "alpha": alpha, "alpha_eff": d.alpha_eff, "lr": lr,
+                     "grad_norm": grad_norm, **row,
                      "logit_scale": float(model.logit_scale.detach().exp())}
             if blocks is not None:
                 entry.update(blocks.to_log())
@@ -196,7 +201,7 @@ def adapt(cfg: AdaptConfig, resume: bool = False, console=None, show_progress: b
             bar.update(task, completed=step + 1, info=f"loss {row['total']:.3f} α {alpha:.3f}")
             done = step + 1
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                _save_checkpoint(out, done, cfg, pairs, model, optimizer, scheduler, blocks)
+                _save_checkpoint(out, done, cfg, pairs, model, optimizer, scheduler, blocks, warmup)
 
     train_seconds = time.time() - t_train
     weights = AdapterWeights({f"{t}.{n}": p.detach().numpy().copy() for t, m in model.towers().items()
@@ -246,10 +251,11 @@ def _row_step(line: str) -> int:
         return 1 << 62  # a torn last line: dropped
 
 
-def _save_checkpoint(out: Path, step: int, cfg: AdaptConfig, pairs, model, optimizer, scheduler, blocks) -> None:
+def _save_checkpoint(out: Path, step: int, cfg: AdaptConfig, pairs, model, optimizer, scheduler, blocks,
+                     warmup) -> None:
     state = {"step": step, "config_hash": cfg.hash(), "embeddings_fingerprint": pairs.fingerprint,
              "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "blocks": blocks.state_dict() if blocks is not None else None}
+             "blocks": blocks.state_dict() if blocks is not None else None, "warmup": warmup.state_dict()}
     with atomic_write(out / "checkpoints" / f"step_{step:08d}.pt", "wb") as f:
         torch.save(state, f)
     for old in _checkpoints(out)[:-2]:

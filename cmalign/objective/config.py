@@ -16,12 +16,15 @@ from cmalign.errors import ConfigError
 DISTRIBUTION_TERMS = ("mmd", "coral", "bures")
 # Keys added to a section after config files of it were written: a *complete* section written without them (a
 # RUN/config.toml of an earlier version, recognised by a key cmalign always writes) meant these values.
-LEGACY_DEFAULTS = {"loss": ("scale_by_logit_scale", {"lambda_paired": 0.0})}
+LEGACY_DEFAULTS = {"loss": ("scale_by_logit_scale", {"lambda_paired": 0.0}),
+                   "scheduler": ("mode", {"balance_ratio": 0.0}),
+                   "curriculum": ("ramp", {"settle_tolerance": 0.0})}
 MODES = ("block", "project", "lr", "alpha", "off")  # gradient-aware scheduler modes
 BLOCK_LEVELS = ("layer", "tensor")
+BALANCE_RATIO = 0.0  # off by default: measured below (docs/method.md), it did not earn the default
 # Settings only the block scheduler reads: inert in the other modes, so a run's identity (its config hash) leaves
 # them out there, and configs written before they existed keep their hashes.
-BLOCK_ONLY_SETTINGS = ("every", "from_phase", "conflict_cos", "block_max_ratio", "recovery", "blocks")
+BLOCK_ONLY_SETTINGS = ("every", "from_phase", "conflict_cos", "block_max_ratio", "recovery", "blocks", "balance_ratio")
 
 
 @dataclass
@@ -76,6 +79,11 @@ class GradSchedulerConfig:
     block_max_ratio: float = 10.0
     recovery: float = 0.5  # block: per measurement, a scale moves this share of the way back up to its target
     blocks: str = "layer"  # block: "layer" (one transformer layer / module) or "tensor"
+    # block: ρ_α, the most the alignment gradient may outweigh the contrastive one over the whole model
+    # (α·|g_cma| / |g_clip|); above it α itself is scaled down (α_eff = α·ρ_α/R), recovering like the lr scales.
+    # Lowering a block's lr slows both terms alike; only a lower α lets a contrastive signal that has not formed
+    # yet (a new domain, a short budget) reach the update. 0: off (α is never scaled; configs written before it).
+    balance_ratio: float = BALANCE_RATIO
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -92,6 +100,9 @@ class GradSchedulerConfig:
             raise ConfigError(f"scheduler.block_max_ratio must be a finite number > 0, got {self.block_max_ratio}")
         if not 0 <= self.conflict_cos < 1:
             raise ConfigError(f"scheduler.conflict_cos must be in [0, 1), got {self.conflict_cos}")
+        if not (math.isfinite(self.balance_ratio) and self.balance_ratio >= 0):
+            raise ConfigError(f"scheduler.balance_ratio must be a finite number >= 0 (0: off), "
+                              f"got {self.balance_ratio}")
         if not 0 < self.recovery <= 1:
             raise ConfigError(f"scheduler.recovery must be in (0, 1], got {self.recovery}")
         if self.blocks not in BLOCK_LEVELS:

@@ -44,12 +44,14 @@ class TPCCMAStep:
         return dot, clip_sq, cma_sq
 
     def __call__(self, images, tokens, alpha: float, autocast, scaler=None, grad_div: float = 1.0,
-                 measure_blocks: bool = False):
+                 measure_blocks: bool = False, alpha_scale: float = 1.0):
         """Accumulate this micro-batch's gradients (divided by ``grad_div``); returns (loss row, decision).
 
         ``autocast`` is a context-manager factory; ``scaler`` a GradScaler under fp16 AMP. ``measure_blocks``:
         take the two losses' parameter gradients apart and update the block scheduler's learning-rate scales.
+        ``alpha_scale``: the block scheduler's balance, α_eff = α · alpha_scale.
         """
+        nominal, alpha = alpha, alpha * alpha_scale
         with autocast():
             out = self.model(images, tokens)
         fi, ft, ls = out[0], out[1], out[2]
@@ -60,11 +62,11 @@ class TPCCMAStep:
                                    f"cma {losses['cma'].item():.4g})")
         scaled = scaler.scale if scaler is not None else (lambda t: t)  # fp16 AMP: GradScaler owns the scale
         if measure_blocks and alpha > 0 and self.blocks is not None:
-            d = Decision(alpha=alpha, alpha_eff=alpha)
+            d = Decision(alpha=nominal, alpha_eff=alpha)
             d.blocks = self._measure_blocks(losses, alpha, scaled, grad_div)
         elif alpha == 0 or self.scheduler.cfg.mode in ("off", "block"):
             (scaled(total) / grad_div).backward()
-            d = Decision(alpha=alpha, alpha_eff=alpha)
+            d = Decision(alpha=nominal, alpha_eff=alpha)
         else:
             # A frozen tower (or a fixed logit scale) gives outputs without grad: leave them out.
             feats = [f for f in (fi, ft) if f.requires_grad]

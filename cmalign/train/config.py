@@ -152,6 +152,11 @@ class FitConfig:
                 d["scheduler"].pop(k, None)
         if not d["loss"].get("lambda_paired"):
             d["loss"].pop("lambda_paired", None)
+        if not d["scheduler"].get("balance_ratio"):  # off, as configs written before it meant
+            d["scheduler"].pop("balance_ratio", None)
+        if not d["curriculum"].get("settle_tolerance"):  # a fixed warm-up, as configs written before the gate
+            for k in ("settle_tolerance", "settle_window", "warmup_max_fraction"):
+                d["curriculum"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

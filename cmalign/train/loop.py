@@ -30,7 +30,6 @@ import torch
 import cmalign
 from cmalign.artifacts.atomic import write_json
 from cmalign.model.loading import save_local_dir
-from cmalign.objective.curriculum import alpha_at
 from cmalign.objective.step import TrainingDiverged
 from cmalign.train.config import FitConfig
 from cmalign.train.console import FitProgress, alpha_in_paper_units, print_start
@@ -51,6 +50,7 @@ class FitResult:
     after: dict = field(default_factory=dict)
     skipped_samples: int = 0
     seconds: float = 0.0
+    warmup: dict = field(default_factory=dict)  # where the curriculum's warm-up ended, and why
 
 
 def fit(cfg: FitConfig, resume: bool = False, console=None, show_progress: bool = True) -> FitResult:
@@ -99,7 +99,8 @@ def _train_steps(r: FitRun, progress: FitProgress) -> int:
                 if _due(step, cfg.train.checkpoint_every, cfg.train.steps):
                     if env.main:
                         r.last_checkpoint = save_checkpoint(r.run, step, r.model, r.optimizer, r.scaler,
-                                                            r.scheduler, cfg, cfg.train.keep_checkpoints, r.blocks)
+                                                            r.scheduler, cfg, cfg.train.keep_checkpoints, r.blocks,
+                                                            r.warmup)
                     env.barrier()
                 progress.update(step, entry)
     finally:
@@ -117,9 +118,10 @@ def _optimizer_step(r: FitRun, step: int, batches, params: list) -> dict:
     """Accumulate ``accum_steps`` micro-batches, update once; returns the step's log row (its step is ``step + 1``)."""
     t0 = time.time()
     cfg, env = r.cfg, r.env
-    alpha, phase = alpha_at(step, cfg.train.steps, cfg.alpha_target, cfg.curriculum)
+    alpha, phase = r.warmup.alpha_at(step, cfg.alpha_target)
     accum = cfg.optim.accum_steps
     measure = r.blocks is not None and r.blocks.due(step, phase, alpha)  # on the first micro-batch
+    alpha_scale = r.blocks.alpha_scale if r.blocks is not None else 1.0  # α_eff = α · alpha_scale
     rows, decisions = [], []
     for micro in range(accum):
         images, tokens, bad = next(batches)
@@ -131,7 +133,7 @@ def _optimizer_step(r: FitRun, step: int, batches, params: list) -> dict:
         try:
             with sync:
                 row, d = r.step_fn(images, tokens, alpha, r.autocast, r.scaler, grad_div=accum,
-                                   measure_blocks=measure and micro == 0)
+                                   measure_blocks=measure and micro == 0, alpha_scale=alpha_scale)
         except TrainingDiverged as e:
             raise TrainingDiverged(f"step {step + 1}: {e}. Stopped; last good checkpoint: "
                                    f"{r.last_checkpoint or 'none (no checkpoint written yet)'}. "
@@ -161,9 +163,21 @@ def _optimizer_step(r: FitRun, step: int, batches, params: list) -> dict:
             vals = [v for v in vals if v is not None]
             entry[k] = sum(vals) / len(vals) if vals else None
     entry["lr_scale"] = lr_scale
+    r.warmup.observe(_mean_over_ranks(entry["clip"], r))
     if r.blocks is not None:
         entry.update(r.blocks.to_log())
     return entry
+
+
+def _mean_over_ranks(value: float, r: FitRun) -> float:
+    """The same figure on every rank, so that every rank ends the warm-up at the same step."""
+    if r.env.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=r.device)
+    dist.all_reduce(t)
+    return float(t.item()) / r.env.world_size
 
 
 # --------------------------------------------------------------------------- finish
@@ -173,7 +187,7 @@ def _finish(r: FitRun, steps: int, t_start: float) -> FitResult:
     """Rank 0: the "after" guard, the fitted model in open_clip's layout, summary.json and manifest.json."""
     cfg, env, run = r.cfg, r.env, r.run
     result = FitResult(run_dir=run.path, model_dir=run.model_dir, steps=steps, before=r.before,
-                       skipped_samples=len(r.bad_seen))
+                       skipped_samples=len(r.bad_seen), warmup=_warmup_summary(r))
     if env.main:
         result.after = r.run_guard(full=True)
         save_local_dir(r.model, r.loaded.model_cfg, r.loaded.preprocess_cfg, run.model_dir,
@@ -199,6 +213,7 @@ def _finish(r: FitRun, steps: int, t_start: float) -> FitResult:
             "train_samples": len(r.splits.train),
             "val_images": len(r.guard.images),
             "skipped_samples": len(r.bad_seen),
+            "warmup": result.warmup,
             "grad_scheduler": {"mode": cfg.scheduler.mode, **r.scheduler.state_dict(),  # steps, conflicts, caps
                                **(_block_summary(r) if r.blocks is not None else {})},
             "trainable_parameters": r.counts["trainable"],
@@ -219,8 +234,18 @@ def _block_summary(r: FitRun) -> dict:
     shares = [row["blocks_throttled"] for row in acting if "blocks_throttled" in row]
     return {"block_measurements": r.blocks.measurements, "block_throttles": r.blocks.throttles,
             "blocks": len(r.blocks.blocks),
+            "min_alpha_scale_reached": min(r.blocks.min_alpha_scale_seen, 1.0),
             "mean_share_throttled": sum(shares) / len(shares) if shares else 0.0,
             "min_lr_scale_reached": min(r.blocks.min_scale_seen, 1.0)}
+
+
+def _warmup_summary(r: FitRun) -> dict:
+    """Where the warm-up ended, and why: the loss settled, the warm-up hit its maximum, or it was fixed."""
+    w, steps = r.warmup, r.cfg.train.steps
+    end = w.warmup_end
+    return {"ended_at_step": None if end is None else round(end * steps),
+            "reason": {True: "settled", False: "warmup_max_fraction", None: "fixed"}[w.settled]
+            if end is not None else "not ended"}
 
 
 def _open_clip_version() -> str:

@@ -143,7 +143,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run: RunDir, step: int, model, optimizer, scaler, scheduler: GradScheduler,
-                    cfg: FitConfig, keep: int, blocks: BlockScheduler | None = None) -> Path:
+                    cfg: FitConfig, keep: int, blocks: BlockScheduler | None = None, warmup=None) -> Path:
     """Write ``checkpoints/step_<step>.pt`` atomically and keep the newest ``keep`` (0: all)."""
     path = run.ckpt_dir / f"step_{step:08d}.pt"
     state = {
@@ -159,6 +159,8 @@ def save_checkpoint(run: RunDir, step: int, model, optimizer, scaler, scheduler:
     }
     if blocks is not None:  # only then: a checkpoint of any other mode keeps the keys it always had
         state["block_scheduler"] = blocks.state_dict()
+    if warmup is not None and cfg.curriculum.settle_tolerance > 0:  # the same: a fixed warm-up has no state
+        state["warmup"] = warmup.state_dict()
     with atomic_write(path, "wb") as f:
         torch.save(state, f)
     for old in run.checkpoints()[:-keep] if keep > 0 else []:

@@ -30,6 +30,7 @@ from cmalign.model.base import resolve_pretrained, wants_base_model
 from cmalign.model.loading import load_model, require_softmax_clip, select_trainable
 from cmalign.objective.block_scheduler import BlockScheduler, parameter_blocks
 from cmalign.objective.cma_loss import CMALoss
+from cmalign.objective.curriculum import WarmupGate
 from cmalign.objective.grad_scheduler import GradScheduler
 from cmalign.objective.step import TPCCMAStep
 from cmalign.train.config import FitConfig, to_toml
@@ -65,6 +66,7 @@ class FitRun:
     optimizer: torch.optim.Optimizer
     scheduler: GradScheduler
     blocks: BlockScheduler | None  # the per-block scheduler (scheduler mode "block")
+    warmup: WarmupGate  # when the curriculum's warm-up ends
     train_model: torch.nn.Module  # the model, DDP-wrapped under torchrun
     step_fn: TPCCMAStep
     loader: Any
@@ -112,7 +114,8 @@ def set_up(cfg: FitConfig, resume: bool, console) -> FitRun:
     blocks = (BlockScheduler(cfg.scheduler, list(parameter_blocks(loaded.model.named_parameters(),
                                                                   cfg.scheduler.blocks)))
               if cfg.scheduler.mode == "block" else None)
-    start_step, bad_seen = _restore(state, run, env, loaded.model, optimizer, scaler, scheduler, blocks)
+    warmup = WarmupGate(cfg.curriculum, cfg.train.steps)
+    start_step, bad_seen = _restore(state, run, env, loaded.model, optimizer, scaler, scheduler, blocks, warmup)
     if env.main:  # only once the model is built: a fit whose set-up fails leaves no run directory behind
         run.path.mkdir(parents=True, exist_ok=True)
         with atomic_write(run.path / "config.toml") as f:
@@ -132,8 +135,8 @@ def set_up(cfg: FitConfig, resume: bool, console) -> FitRun:
     guard = PairSet.from_records(splits.val, splits.class_templates, cfg.data.val_max_images) if env.main else None
     r = FitRun(cfg=cfg, env=env, device=device, autocast=autocast, scaler=scaler, precision=precision, run=run,
                splits=splits, loaded=loaded, pretrained=pretrained, counts=counts, optimizer=optimizer,
-               scheduler=scheduler, blocks=blocks, train_model=train_model, step_fn=step_fn, loader=loader,
-               workers=workers, guard=guard, start_step=start_step, bad_seen=bad_seen,
+               scheduler=scheduler, blocks=blocks, warmup=warmup, train_model=train_model, step_fn=step_fn,
+               loader=loader, workers=workers, guard=guard, start_step=start_step, bad_seen=bad_seen,
                last_checkpoint=run.checkpoints()[-1] if run.checkpoints() else None)
     if env.main:
         if state is not None and run.summary.exists():
@@ -198,7 +201,7 @@ def _build_model(cfg: FitConfig, pretrained: str | None, device):
 
 
 def _restore(state: dict | None, run: RunDir, env: DistEnv, model, optimizer, scaler,
-             scheduler: GradScheduler, blocks: BlockScheduler | None) -> tuple[int, set[str]]:
+             scheduler: GradScheduler, blocks: BlockScheduler | None, warmup: WarmupGate) -> tuple[int, set[str]]:
     """(first step, bad samples listed so far): from the checkpoint, or a clean log for a new run."""
     if state is None:
         if env.main:
@@ -212,6 +215,8 @@ def _restore(state: dict | None, run: RunDir, env: DistEnv, model, optimizer, sc
     scheduler.load_state_dict(state["grad_scheduler"])
     if blocks is not None:
         blocks.load_state_dict(state["block_scheduler"])
+    if "warmup" in state:  # checkpoints of a fixed warm-up (and of earlier versions) carry none: nothing to restore
+        warmup.load_state_dict(state["warmup"])
     if state.get("world_size", 1) != env.world_size:
         raise RunDirectoryError(
             f"--resume: {run.path} was trained with {state.get('world_size', 1)} processes, now "
