@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from cmalign.metrics import gap, gap_intervals
+from cmalign.metrics import gap, gap_intervals, kernels
 from cmalign.metrics.bootstrap import (
     bootstrap,
     contingency_ari,
@@ -141,7 +141,7 @@ def test_gap_replicates_are_the_measures_of_the_resampled_pairs():
             want = gap.l2i(x[idx[r]], y[idx[r]]) if name == "l2i" else getattr(rep, name)
             assert fast.distribution[j, r] == pytest.approx(want, rel=1e-9), name
     xs, ys = gap._prepare(x, y, True, True)
-    sigma = gap._median_distance(np.concatenate([xs - xs.mean(0), ys - ys.mean(0)]))
+    sigma = kernels.median_distance(np.concatenate([xs - xs.mean(0), ys - ys.mean(0)]))
     gammas = 1 / (2 * (np.asarray(gap.DEFAULT_BANDWIDTHS) * sigma) ** 2)
 
     def k(a, b):

@@ -33,6 +33,7 @@ import numpy as np
 import scipy.linalg
 
 from cmalign.errors import ConfigError
+from cmalign.metrics.kernels import kernel_sum, median_distance, paired_kernel_trace, sq_norms
 
 __all__ = [
     "GapReport",
@@ -50,9 +51,6 @@ __all__ = [
 ]
 
 DEFAULT_BANDWIDTHS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-_MEDIAN_MAX_POINTS = 2000  # pooled points used for the median-heuristic bandwidth
-_MEDIAN_SEED = 0
-_CHUNK_ROWS = 512  # rows per block in the pairwise-kernel sums (bounds memory at n×512 floats)
 
 
 # --------------------------------------------------------------------------- input handling
@@ -137,79 +135,6 @@ def center_modalities(x, y, *, normalize: bool = True) -> tuple[np.ndarray, np.n
 # --------------------------------------------------------------------------- MMD²
 
 
-def _sq_norms(a: np.ndarray) -> np.ndarray:
-    return np.einsum("ij,ij->i", a, a)
-
-
-def _median_distance(pooled: np.ndarray, max_points: int = _MEDIAN_MAX_POINTS) -> float:
-    """Median pairwise Euclidean distance (i < j), on a fixed-seed subsample if large."""
-    if pooled.shape[0] > max_points:
-        rng = np.random.default_rng(_MEDIAN_SEED)
-        idx = np.sort(rng.choice(pooled.shape[0], size=max_points, replace=False))
-        pooled = pooled[idx]
-    sq = _sq_norms(pooled)
-    d2 = sq[:, None] + sq[None, :] - 2.0 * (pooled @ pooled.T)
-    iu = np.triu_indices(pooled.shape[0], k=1)
-    return float(np.median(np.sqrt(np.maximum(d2[iu], 0.0))))
-
-
-def _kernel_sum(a: np.ndarray, b: np.ndarray | None, gammas: np.ndarray) -> float:
-    """Sum of k(a_i, b_j) over all pairs, k = mean_m exp(−γ_m ||a − b||²).
-
-    With ``b is None`` it is the sum over i ≠ j of k(a_i, a_j), computed on the upper
-    triangle only (diagonal excluded).
-    """
-    symmetric = b is None
-    if symmetric:
-        b = a
-    a_sq, b_sq = _sq_norms(a), _sq_norms(b)
-    total = 0.0
-    n = a.shape[0]
-    for s in range(0, n, _CHUNK_ROWS):
-        e = min(s + _CHUNK_ROWS, n)
-        c0 = s if symmetric else 0
-        d2 = a[s:e] @ b[c0:].T
-        d2 *= -2.0
-        d2 += a_sq[s:e, None]
-        d2 += b_sq[None, c0:]
-        np.maximum(d2, 0.0, out=d2)
-        if symmetric:
-            # block starts on the diagonal: keep the strict upper triangle of its square part
-            w = e - s
-            d2[:, :w][np.tril_indices(w)] = np.inf
-        total += _block_kernel_sum(d2, gammas)
-    return 2.0 * total if symmetric else total
-
-
-def _block_kernel_sum(d2: np.ndarray, gammas: np.ndarray) -> float:
-    """sum(mean_m exp(−γ_m d2)), reusing exp results by repeated squaring where γ ratios allow.
-
-    exp(−2γ·d) = exp(−γ·d)², so for the default multipliers (0.5, 1, 2, 4) — γ ratios 4, 16, 64 —
-    one exp plus six squarings replace four exps.  Other ratios fall back to plain exp.
-    """
-    order = np.sort(gammas)
-    acc = 0.0
-    cur: np.ndarray | None = None
-    cur_g = 0.0
-    for g in order:
-        steps = float(np.log2(g / cur_g)) if cur is not None else -1.0
-        k = round(float(steps))
-        if cur is not None and k >= 0 and abs(steps - k) < 1e-12 and k <= 8:
-            for _ in range(k):
-                np.multiply(cur, cur, out=cur)
-        else:
-            cur = np.exp(-g * d2)
-        cur_g = float(g)
-        acc += float(cur.sum())
-    return acc / len(gammas)
-
-
-def _paired_kernel_trace(x: np.ndarray, y: np.ndarray, gammas: np.ndarray) -> float:
-    """Σ_i k(x_i, y_i): the paired diagonal of K_xy, which the paired U-statistic leaves out."""
-    d2 = np.maximum(_sq_norms(x - y), 0.0)
-    return float(np.mean(np.exp(-gammas[:, None] * d2[None, :]), axis=0).sum())
-
-
 def _mmd2(x: np.ndarray, y: np.ndarray, bandwidths: Sequence[float], center: bool, paired: bool = False,
           sigma: float | None = None) -> float:
     nx, ny = x.shape[0], y.shape[0]
@@ -222,20 +147,20 @@ def _mmd2(x: np.ndarray, y: np.ndarray, bandwidths: Sequence[float], center: boo
         x = x - x.mean(axis=0)
         y = y - y.mean(axis=0)
     if sigma is None:
-        sigma = _median_distance(np.concatenate([x, y], axis=0))
+        sigma = median_distance(np.concatenate([x, y], axis=0))
     elif not (np.isfinite(sigma) and sigma > 0):
         raise ConfigError(f"sigma must be a positive finite distance, got {sigma!r}")
     if not sigma > 0:  # degenerate pooled sample (all points equal): any bandwidth gives 0
         sigma = 1.0
     gammas = 1.0 / (2.0 * (mults * sigma) ** 2)
-    kxx = _kernel_sum(x, None, gammas) / (nx * (nx - 1))
-    kyy = _kernel_sum(y, None, gammas) / (ny * (ny - 1))
+    kxx = kernel_sum(x, None, gammas) / (nx * (nx - 1))
+    kyy = kernel_sum(y, None, gammas) / (ny * (ny - 1))
     if paired:
         # (x_i, y_i) are dependent: k(x_i, y_i) is not a draw of the cross term's expectation (a matched pair sits
         # closer than two random points), so it is excluded as the within-sample diagonals are (U-statistic, i ≠ j).
-        kxy = (_kernel_sum(x, y, gammas) - _paired_kernel_trace(x, y, gammas)) / (nx * (nx - 1))
+        kxy = (kernel_sum(x, y, gammas) - paired_kernel_trace(x, y, gammas)) / (nx * (nx - 1))
     else:
-        kxy = _kernel_sum(x, y, gammas) / (nx * ny)
+        kxy = kernel_sum(x, y, gammas) / (nx * ny)
     return float(kxx + kyy - 2.0 * kxy)
 
 
@@ -344,7 +269,7 @@ def _relative_modality_gap(x: np.ndarray, y: np.ndarray) -> float:
     def within(u: np.ndarray) -> float:
         # mean_{i≠j} cos(u_i, u_j) = (||Σ_i u_i||² − Σ_i ||u_i||²) / (n(n−1)) for unit rows
         s = u.sum(axis=0)
-        mean_cos = (float(s @ s) - float(_sq_norms(u).sum())) / (n * (n - 1))
+        mean_cos = (float(s @ s) - float(sq_norms(u).sum())) / (n * (n - 1))
         return 0.5 * (1.0 - min(max(mean_cos, -1.0), 1.0))
 
     denom = paired + 0.5 * (within(xu) + within(yu))

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cmalign.metrics.gap import DEFAULT_BANDWIDTHS, _median_distance, _prepare, _sq_norms
+from cmalign.metrics.gap import DEFAULT_BANDWIDTHS, _prepare
+from cmalign.metrics.kernels import median_distance, sq_norms
 
 FAST_BOOTSTRAP = ("raw", "centroid", "paired_residual", "rmg", "l2i")
 SLOW_BOOTSTRAP = ("mmd2", "bures", "coral", "w2")
@@ -124,7 +125,7 @@ class _WeightedMMD:
         self.y = y - y.mean(axis=0)
         n = self.x.shape[0]
         self.n = n
-        sigma = _median_distance(np.concatenate([self.x, self.y], axis=0))
+        sigma = median_distance(np.concatenate([self.x, self.y], axis=0))
         if not sigma > 0:
             sigma = 1.0
         self.gammas = 1.0 / (2.0 * (np.asarray(bandwidths, np.float64) * sigma) ** 2)
@@ -134,7 +135,7 @@ class _WeightedMMD:
 
     @staticmethod
     def _d2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        d2 = _sq_norms(a)[:, None] + _sq_norms(b)[None, :] - 2.0 * (a @ b.T)
+        d2 = sq_norms(a)[:, None] + sq_norms(b)[None, :] - 2.0 * (a @ b.T)
         return np.maximum(d2, 0.0)
 
     def _kernel(self, d2: np.ndarray) -> np.ndarray:
