@@ -201,7 +201,8 @@ def test_decision_log_keys() -> None:
     d, _ = decide_and_combine(GradScheduler(GradSchedulerConfig(mode="project")), *CONFLICT, alpha=0.5)
     log = d.to_log()
     assert set(log) == {"grad_cos", "grad_ratio", "alpha", "alpha_eff", "lr_scale", "projected", "capped",
-                        "block_cos_min", "block_conflict_share", "block_ratio_max"}  # None: not a block measurement
+                        "block_cos_min", "block_conflict_share", "block_ratio_max", "model_ratio",
+                        "model_cos"}  # None: not a block measurement
     assert log["block_cos_min"] is None
     assert log["projected"] is True and log["grad_cos"] == d.cos
 

@@ -163,7 +163,8 @@ def _optimizer_step(r: FitRun, step: int, batches, params: list) -> dict:
             vals = [v for v in vals if v is not None]
             entry[k] = sum(vals) / len(vals) if vals else None
     entry["lr_scale"] = lr_scale
-    r.warmup.observe(_mean_over_ranks(entry["clip"], r))
+    if r.warmup.warmup_end is None:  # while the gate is open: it reads the contrastive loss
+        r.warmup.observe(_mean_over_ranks(entry["clip"], r))
     if r.blocks is not None:
         entry.update(r.blocks.to_log())
     return entry
