@@ -15,10 +15,11 @@ tensor: ``blocks = "layer" | "tensor"``):
 
 Over the whole model, when the alignment gradient outweighs the contrastive one by more than ``balance_ratio``
 (``R = α |g_a| / |g_c| > ρ_α``), α itself is scaled (``α_eff = α · alpha_scale``, target ``ρ_α / R``), dropping at
-once and recovering like the block scales. A lower learning rate slows both terms alike: Adam follows the sum's
-direction, and when α·g_a dwarfs g_c that direction is the alignment's whatever the rate. Measured on a new domain
-(negatives, 60 steps): the contrastive loss stalled at 4.4 under α = 0.5 (2.7 at α = 0) while the block scales sat
-at 0.48; only a lower α lets the contrastive signal that has not formed yet reach the update.
+once and recovering like the block scales. Why: a lower learning rate slows both terms alike, and Adam follows
+the sum's direction, which is the alignment's when α·g_a dwarfs g_c whatever the rate (on a new domain, 60 steps
+of negatives, the contrastive loss stalled at 4.4 under α = 0.5, 2.7 at α = 0, with the block scales at 0.48).
+Opt-in: measured, it did not save that run alone (its first measurement comes after phase 3's ramp); the
+curriculum's settle gate (:class:`cmalign.objective.curriculum.WarmupGate`) did.
 
 The scales hold between measurements and multiply the block's optimizer-group learning rate
 (:func:`cmalign.train.optimizer.step_optimizer`). The measurement was once taken on the batch *embeddings*

@@ -21,7 +21,6 @@ LEGACY_DEFAULTS = {"loss": ("scale_by_logit_scale", {"lambda_paired": 0.0}),
                    "curriculum": ("ramp", {"settle_tolerance": 0.0})}
 MODES = ("block", "project", "lr", "alpha", "off")  # gradient-aware scheduler modes
 BLOCK_LEVELS = ("layer", "tensor")
-BALANCE_RATIO = 0.0  # off by default: measured below (docs/method.md), it did not earn the default
 # Settings only the block scheduler reads: inert in the other modes, so a run's identity (its config hash) leaves
 # them out there, and configs written before they existed keep their hashes.
 BLOCK_ONLY_SETTINGS = ("every", "from_phase", "conflict_cos", "block_max_ratio", "recovery", "blocks", "balance_ratio")
@@ -81,9 +80,9 @@ class GradSchedulerConfig:
     blocks: str = "layer"  # block: "layer" (one transformer layer / module) or "tensor"
     # block: ρ_α, the most the alignment gradient may outweigh the contrastive one over the whole model
     # (α·|g_cma| / |g_clip|); above it α itself is scaled down (α_eff = α·ρ_α/R), recovering like the lr scales.
-    # Lowering a block's lr slows both terms alike; only a lower α lets a contrastive signal that has not formed
-    # yet (a new domain, a short budget) reach the update. 0: off (α is never scaled; configs written before it).
-    balance_ratio: float = BALANCE_RATIO
+    # 0: off, the default: it lifted neither t→i R@1 nor, alone, a short run on a new domain (docs/method.md); and
+    # what configs written before it mean.
+    balance_ratio: float = 0.0
 
     def __post_init__(self):
         if self.mode not in MODES:
