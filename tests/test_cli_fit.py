@@ -312,3 +312,25 @@ def test_plain_progress_says_at_which_step_the_guard_figures_were_measured(tmp_p
     guards = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if json.loads(x)["kind"] == "guard"]
     assert guards == [2, 4]
+
+
+
+def test_a_fixed_logit_scale_above_clips_ceiling_is_kept(tmp_path):
+    """Once clamped back to CLIP's 100 after the first step, silently; the ceiling is the larger of the two."""
+    result = _fit(tmp_path, "--set", "model.fixed_logit_scale=200")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scales = [r["logit_scale"] for r in rows if "logit_scale" in r]
+    assert len(scales) == 3 and all(math.isclose(s, 200, rel_tol=1e-5) for s in scales), scales
+
+
+def test_the_learnable_logit_scale_is_clamped_at_the_configured_ceiling():
+    from cmalign.train.optimizer import step_optimizer
+
+    model = torch.nn.Module()
+    model.logit_scale = torch.nn.Parameter(torch.tensor(math.log(120.0)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    step_optimizer(model, opt, None, lr=0.0, max_logit_scale=150.0)
+    assert math.isclose(model.logit_scale.exp().item(), 120.0, rel_tol=1e-6)
+    step_optimizer(model, opt, None, lr=0.0)  # CLIP's 100 by default
+    assert math.isclose(model.logit_scale.exp().item(), 100.0, rel_tol=1e-6)

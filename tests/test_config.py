@@ -215,7 +215,7 @@ def test_hash_ignores_run_time_knobs() -> None:
 @pytest.mark.parametrize("key, value", [("alpha_target", "0.7"), ("train.steps", "401"), ("train.seed", "1"),
                                         ("loss.distribution", "coral"), ("optim.lr", "1e-4"),
                                         ("curriculum.ramp", "cosine"), ("loss.mmd_bandwidths", "1,2"),
-                                        ("loss.lambda_paired", "0.5")])
+                                        ("loss.lambda_paired", "0.5"), ("model.max_logit_scale", "200")])
 def test_hash_changes_with_what_is_trained(key: str, value: str) -> None:
     assert load_config(None, {key: value}).hash() != FitConfig().resolve_defaults().hash()
 
@@ -247,6 +247,7 @@ def test_config_written_before_the_relayout_loads_with_its_hash_and_keys(name: s
     gate = {k: new["curriculum"].pop(k) for k in ("settle_tolerance", "settle_window", "warmup_max_fraction")}
     assert gate["settle_tolerance"] == 0 and cfg.curriculum.settle_tolerance == 0
     assert added["balance_ratio"] == 0  # the α balance: off
+    assert new["model"].pop("max_logit_scale") == 100.0  # the logit scale's ceiling: CLIP's, as it always was
     assert {k: v for k, v in new.items() if k != "scheduler"} == {k: v for k, v in old.items() if k != "scheduler"}
 
 

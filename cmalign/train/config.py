@@ -47,8 +47,10 @@ class ModelConfig:
     pretrained: str | None = None
     trainable: str = "all"  # all | image | text | projections | last:N
     grad_checkpointing: bool = False
-    # Fix the logit scale (e.g. 100, as CLIP converges to); None keeps it learnable (clamped at 100).
+    # Fix the logit scale (e.g. 100, as CLIP converges to); None keeps it learnable (clamped at max_logit_scale).
     fixed_logit_scale: float | None = None
+    # The learnable logit scale's ceiling: CLIP's 100 by default.
+    max_logit_scale: float = 100.0
 
 
 @dataclass
@@ -150,6 +152,8 @@ class FitConfig:
         if d["scheduler"]["mode"] != "block":
             for k in BLOCK_ONLY_SETTINGS:
                 d["scheduler"].pop(k, None)
+        if d["model"].get("max_logit_scale") == 100.0:  # CLIP's clamp, which configs written before it meant
+            d["model"].pop("max_logit_scale", None)
         if not d["loss"].get("lambda_paired"):
             d["loss"].pop("lambda_paired", None)
         if not d["scheduler"].get("balance_ratio"):  # off, as configs written before it meant

@@ -14,8 +14,6 @@ from cmalign.model.loading import param_groups
 from cmalign.objective.block_scheduler import block_of
 from cmalign.train.config import FitConfig
 
-LOGIT_SCALE_MAX = math.log(100.0)
-
 
 def build_optimizer(model: torch.nn.Module, cfg: FitConfig) -> torch.optim.AdamW:
     """AdamW over open_clip's groups (no weight decay on gains, biases, the logit scale).
@@ -75,9 +73,9 @@ def clip_gradients(optimizer, scaler, params: list, grad_clip: float) -> float:
     return float(torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf))
 
 
-def step_optimizer(model, optimizer, scaler, lr: float) -> None:
+def step_optimizer(model, optimizer, scaler, lr: float, max_logit_scale: float = 100.0) -> None:
     """One update at ``lr`` (× a group's ``lr_scale``, the block scheduler's; through the GradScaler under fp16),
-    then zero the gradients, clamp the logit scale."""
+    then zero the gradients, clamp the logit scale at ``max_logit_scale``."""
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     if scaler is not None:
@@ -87,4 +85,4 @@ def step_optimizer(model, optimizer, scaler, lr: float) -> None:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        model.logit_scale.clamp_(0, math.log(max_logit_scale))
