@@ -202,6 +202,43 @@ def test_resume_after_an_interruption_is_exact(stored, tmp_path, monkeypatch):
         adapt(_cfg(stored, tmp_path / "resumed", steps=25), resume=True, show_progress=False)
 
 
+def test_a_run_started_before_the_settle_gate_resumes_with_its_fixed_warm_up(stored, tmp_path, monkeypatch):
+    """An adapter run interrupted under the code before the warm-up's settle gate and the α balance (its
+    config.json without their keys, its checkpoints without the gate's state) resumes with today's command and
+    finishes as it would have: a fixed warm-up, weights equal to an uninterrupted run of that recipe."""
+    from cmalign.adapter.pairs import PairedVectors
+    from cmalign.objective.curriculum import CurriculumConfig
+
+    fixed = dict(steps=25, curriculum=CurriculumConfig(settle_tolerance=0.0))
+    straight = adapt(_cfg(stored, tmp_path / "straight", **fixed), show_progress=False)
+    real = PairedVectors.batch
+
+    def interrupted(self, images, seed, step, size):
+        if step == 17:
+            raise KeyboardInterrupt
+        return real(self, images, seed, step, size)
+
+    monkeypatch.setattr(PairedVectors, "batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        adapt(_cfg(stored, tmp_path / "old", **fixed), show_progress=False)
+    monkeypatch.setattr(PairedVectors, "batch", real)
+    saved = tmp_path / "old" / "config.json"  # as the earlier code wrote it
+    written = json.loads(saved.read_text())
+    for key in ("settle_tolerance", "settle_window", "warmup_max_fraction"):
+        del written["config"]["curriculum"][key]
+    del written["config"]["scheduler"]["balance_ratio"]
+    saved.write_text(json.dumps(written))
+    for ckpt in (tmp_path / "old" / "checkpoints").glob("step_*.pt"):
+        state = torch.load(ckpt, weights_only=False)
+        del state["warmup"]
+        torch.save(state, ckpt)
+
+    resumed = adapt(_cfg(stored, tmp_path / "old", steps=25), resume=True, show_progress=False)
+    a, b = AdapterWeights.load(straight.out).arrays, AdapterWeights.load(resumed.out).arrays
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert json.loads(saved.read_text())["config"]["curriculum"]["settle_tolerance"] == 0  # and says so now
+
+
 def test_bad_embeddings_are_refused_naming_file_and_row(stored, tmp_path):
     import shutil
 

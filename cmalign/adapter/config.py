@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from cmalign.errors import ConfigError
-from cmalign.objective.config import CMAConfig, GradSchedulerConfig
+from cmalign.objective.config import CMAConfig, GradSchedulerConfig, drop_inert_settings
 from cmalign.objective.curriculum import CurriculumConfig
 
 KINDS = ("query", "both")
@@ -86,4 +86,5 @@ class AdaptConfig:
             d.pop(k)
         if not d["hidden"]:  # runs from before --hidden existed keep their identity
             d.pop("hidden")
+        drop_inert_settings(d)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

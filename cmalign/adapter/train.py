@@ -32,6 +32,7 @@ from cmalign.adapter.pairs import PairedVectors
 from cmalign.adapter.weights import AdapterError, AdapterWeights
 from cmalign.artifacts.atomic import atomic_write, write_json
 from cmalign.errors import OutputExistsError
+from cmalign.objective.config import legacy_settings
 
 KIND = "cmalign-adapter"
 EXPORT_DIR = "export"
@@ -80,7 +81,13 @@ def _open(cfg: AdaptConfig, resume: bool) -> dict | None:
         return None
     saved = out / "config.json"
     if saved.is_file():
-        old = json.loads(saved.read_text()).get("config_hash")
+        written = json.loads(saved.read_text())
+        # A run started before a setting existed trained with what its absence meant (a fixed warm-up before the
+        # settle gate): it resumes with that.
+        for section, meant in legacy_settings(written.get("config") or {}).items():
+            for key, value in meant.items():
+                setattr(getattr(cfg, section), key, value)
+        old = written.get("config_hash")
         if old != cfg.hash():
             raise AdapterError(f"{saved}: config hash {old}, but these settings hash to {cfg.hash()}; resume with "
                                "the settings the run started with, or choose another --out")

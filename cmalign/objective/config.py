@@ -19,6 +19,31 @@ DISTRIBUTION_TERMS = ("mmd", "coral", "bures")
 LEGACY_DEFAULTS = {"loss": ("scale_by_logit_scale", {"lambda_paired": 0.0}),
                    "scheduler": ("mode", {"balance_ratio": 0.0}),
                    "curriculum": ("ramp", {"settle_tolerance": 0.0})}
+# The warm-up's settle gate: at settle_tolerance 0 a fixed warm-up, and its other keys are not read.
+SETTLE_SETTINGS = ("settle_tolerance", "settle_window", "warmup_max_fraction")
+
+
+def legacy_settings(saved: dict) -> dict[str, dict]:
+    """Per section of a saved config, the values its missing LEGACY_DEFAULTS keys meant when it was written."""
+    out = {}
+    for section, (always_written, added) in LEGACY_DEFAULTS.items():
+        table = saved.get(section)
+        if isinstance(table, dict) and always_written in table:
+            out[section] = {k: v for k, v in added.items() if k not in table}
+    return out
+
+
+def drop_inert_settings(d: dict) -> dict:
+    """``d`` (a config as a dict) without the objective's settings that sit at their "off" value and did not exist
+    when earlier runs were written (the α balance, the settle gate): those runs keep their identity."""
+    if not d["scheduler"].get("balance_ratio"):
+        d["scheduler"].pop("balance_ratio", None)
+    if not d["curriculum"].get("settle_tolerance"):
+        for k in SETTLE_SETTINGS:
+            d["curriculum"].pop(k, None)
+    return d
+
+
 MODES = ("block", "project", "lr", "alpha", "off")  # gradient-aware scheduler modes
 BLOCK_LEVELS = ("layer", "tensor")
 # Settings only the block scheduler reads: inert in the other modes, so a run's identity (its config hash) leaves

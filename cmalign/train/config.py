@@ -30,6 +30,8 @@ from cmalign.objective.config import (  # noqa: F401
     MODES,
     CMAConfig,
     GradSchedulerConfig,
+    drop_inert_settings,
+    legacy_settings,
 )
 from cmalign.objective.curriculum import CurriculumConfig
 
@@ -156,11 +158,7 @@ class FitConfig:
             d["model"].pop("max_logit_scale", None)
         if not d["loss"].get("lambda_paired"):
             d["loss"].pop("lambda_paired", None)
-        if not d["scheduler"].get("balance_ratio"):  # off, as configs written before it meant
-            d["scheduler"].pop("balance_ratio", None)
-        if not d["curriculum"].get("settle_tolerance"):  # a fixed warm-up, as configs written before the gate
-            for k in ("settle_tolerance", "settle_window", "warmup_max_fraction"):
-                d["curriculum"].pop(k, None)
+        drop_inert_settings(d)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -270,10 +268,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from e
-        for section, (always_written, added) in LEGACY_DEFAULTS.items():
-            table = data.get(section)
-            if isinstance(table, dict) and always_written in table:
-                data[section] = {**added, **table}
+        for section, meant in legacy_settings(data).items():
+            data[section] = {**meant, **data[section]}
         try:
             apply_overrides(cfg, _flatten(data))
         except (KeyError, ValueError) as e:
