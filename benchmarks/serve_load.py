@@ -2,15 +2,15 @@
 concurrencies, text and image queries, micro-batching on and off, side by side in one run, for each setup.
 
     .venv/bin/python benchmarks/serve_load.py [--work runs/bench-serve] [--requests 300] [--concurrency 1,8,32]
-        [--setups tiny:fp32,tiny:int8,ViT-B-32:fp32] [--images 17000]
+        [--setups tiny:fp32,tiny:int8,ViT-B-32:fp32] [--images 17000] [--vit-images 17000]
 
-Setups: the export of the cached base model (fp32 and its int8 graphs) over a 102,000-vector joint index (the
-generated train split at 17,000 scenes, 5 captions each), and a ViT-B-32 export with random weights over 6,000
-vectors (its encoders cost ~1000x the tiny model's; the index size changes its figures by < 0.1 %: search is
-microseconds a query). The reference ("limit") is what the machine does without HTTP: the bare onnxruntime
-session's items/s at the micro-batch size plus the bare faiss search time per query, both measured here in the
-same run. Client threads run on the same cores as the server (2 here), so they take part of the machine the
-server could use; the figures say so. Results: benchmarks/results/serve_load.json.
+Setups: the export of the cached base model (fp32 and its int8 graphs) and a ViT-B-32 export with random weights,
+each over a 102,000-vector joint index (the generated train split at 17,000 scenes, 5 captions each; embedding it
+with ViT-B-32 takes ~15 min on 2 cores, once: --work keeps every step). The reference ("limit") is what the
+machine does without HTTP: the bare onnxruntime session's items/s at the micro-batch size plus the bare faiss
+search time per query, both measured here in the same run. Client threads run on the same cores as the server (2
+here), so they take part of the machine the server could use; the figures say so.
+Results: benchmarks/results/serve_load.json.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def main() -> None:
                     help="model:variant pairs (tiny = the embedded base)")
     ap.add_argument("--images", type=int, default=17000,
                     help="generated scenes in the tiny model's corpus (x6 vectors: 17000 -> 102,000)")
-    ap.add_argument("--vit-images", type=int, default=1000, help="scenes in ViT-B-32's corpus (encoding dominates)")
+    ap.add_argument("--vit-images", type=int, default=17000, help="scenes in ViT-B-32's corpus (x6 vectors)")
     ap.add_argument("--port", type=int, default=18765)
     ap.add_argument("--result", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = ap.parse_args()
