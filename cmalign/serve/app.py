@@ -42,6 +42,7 @@ IGNORED_KNN_FIELDS = ("use_mclip", "use_safety_model", "use_violence_detector", 
 KNN_FIELDS = ("text", "image", "image_url", "embedding_input", "modality", "num_images", "num_result_ids",
               "indice_name", "deduplicate", *IGNORED_KNN_FIELDS)
 QUERY_FIELDS = ("text", "image", "image_url", "embedding_input")
+QUERY_PATHS = ("/knn-service", "/v1/search", "/v1/search/image", "/v1/embed")  # requests that reach a batcher
 # Up to this many hits a query's rows are read on the event loop (~0.1 ms for 10); more go to a worker thread.
 INLINE_HITS = 100
 
@@ -52,14 +53,17 @@ class Observe:
     wraps every request in Starlette's BaseHTTPMiddleware, whose streams and task group cost more than a tiny
     model's whole query: profiled under load, it was the largest item in the event loop.)"""
 
-    def __init__(self, app, metrics, queue_depth, log_requests: bool):
+    def __init__(self, app, metrics, queue_depth, log_requests: bool, arrivals=None):
         self.app, self.metrics, self.queue_depth, self.log_requests = app, metrics, queue_depth, log_requests
+        self.arrivals = arrivals
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         status = 500
+        # a query on its way to a batcher, which waits for it (cmalign.serve.batcher.Arrivals)
+        arrival = self.arrivals.arrive() if self.arrivals is not None and scope["path"] in QUERY_PATHS else None
 
         async def observed_send(message):
             nonlocal status
@@ -70,6 +74,8 @@ class Observe:
         try:
             await self.app(scope, receive, observed_send)
         finally:
+            if arrival is not None:
+                self.arrivals.left(arrival)
             seconds = time.perf_counter() - t0
             endpoint = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.requests.labels(endpoint, str(status)).inc()
@@ -156,7 +162,8 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
 
     # -- access log and request metrics: outermost, so a refused body is logged and counted as the 413 it is ---
-    app.add_middleware(Observe, metrics=metrics, queue_depth=engine.queue_depth, log_requests=cfg.log_requests)
+    app.add_middleware(Observe, metrics=metrics, queue_depth=engine.queue_depth, log_requests=cfg.log_requests,
+                       arrivals=engine.arrivals)
 
     def served(name: str | None) -> ServedIndex:
         if not engine.ready:

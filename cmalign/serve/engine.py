@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmalign.serve.batcher import MicroBatcher
+from cmalign.serve.batcher import Arrivals, MicroBatcher
 from cmalign.serve.config import IndexEntry, ServeConfig
 from cmalign.serve.inputs import BadInput
 from cmalign.serve.metrics import ServiceMetrics
@@ -31,7 +31,7 @@ class UnknownIndex(KeyError):
 
 
 class ServedIndex:
-    def __init__(self, entry: IndexEntry, cfg: ServeConfig, metrics: ServiceMetrics):
+    def __init__(self, entry: IndexEntry, cfg: ServeConfig, metrics: ServiceMetrics, arrivals: Arrivals | None = None):
         from cmalign.index.searcher import Searcher
 
         self.name, self.metrics = entry.name, metrics
@@ -40,7 +40,7 @@ class ServedIndex:
         self.index, self.model = searcher.index, searcher.model
         self.dim = self.index.dim
         self.batcher = MicroBatcher(self._run_batch, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.queue_size,
-                                    name=f"index {entry.name}", on_batch=metrics.observe_batch)
+                                    name=f"index {entry.name}", on_batch=metrics.observe_batch, arrivals=arrivals)
 
     def describe(self) -> dict:
         m = self.index.manifest
@@ -122,13 +122,14 @@ class Engine:
     def __init__(self, cfg: ServeConfig, metrics: ServiceMetrics | None = None):
         self.cfg = cfg
         self.metrics = metrics or ServiceMetrics()
+        self.arrivals = Arrivals()  # counted by the app's middleware; the batchers wait only for these
         self.indexes: dict[str, ServedIndex] = {}
         self.ready = False
 
     def load(self, log=None) -> Engine:
         for entry in self.cfg.indexes:
             t0 = time.perf_counter()
-            self.indexes[entry.name] = ServedIndex(entry, self.cfg, self.metrics)
+            self.indexes[entry.name] = ServedIndex(entry, self.cfg, self.metrics, self.arrivals)
             if log:
                 d = self.indexes[entry.name].describe()
                 log(f"index {entry.name}: {d['vectors']:,} vectors ({d['images']:,} images, {d['texts']:,} texts), "
