@@ -175,10 +175,10 @@ def test_an_adapter_refuses_vectors_of_another_export(both, base_model_dir, tmp_
     assert not (tmp_path / "a").exists()
 
 
-def test_resume_after_an_interruption_is_exact(stored, tmp_path, monkeypatch):
+def _interrupted_at_step_17(cfg: AdaptConfig, monkeypatch) -> None:
+    """Run ``cfg`` until a KeyboardInterrupt at step 17 (after the checkpoint of step 10)."""
     from cmalign.adapter.pairs import PairedVectors
 
-    straight = adapt(_cfg(stored, tmp_path / "straight", steps=25), show_progress=False)
     real = PairedVectors.batch
 
     def interrupted(self, images, seed, step, size):
@@ -188,8 +188,13 @@ def test_resume_after_an_interruption_is_exact(stored, tmp_path, monkeypatch):
 
     monkeypatch.setattr(PairedVectors, "batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        adapt(_cfg(stored, tmp_path / "resumed", steps=25), show_progress=False)
+        adapt(cfg, show_progress=False)
     monkeypatch.setattr(PairedVectors, "batch", real)
+
+
+def test_resume_after_an_interruption_is_exact(stored, tmp_path, monkeypatch):
+    straight = adapt(_cfg(stored, tmp_path / "straight", steps=25), show_progress=False)
+    _interrupted_at_step_17(_cfg(stored, tmp_path / "resumed", steps=25), monkeypatch)
     assert not (tmp_path / "resumed" / "manifest.json").exists()  # unfinished: no manifest
     with pytest.raises(Exception, match="--resume"):
         adapt(_cfg(stored, tmp_path / "resumed", steps=25), show_progress=False)
@@ -206,22 +211,11 @@ def test_a_run_started_before_the_settle_gate_resumes_with_its_fixed_warm_up(sto
     """An adapter run interrupted under the code before the warm-up's settle gate and the α balance (its
     config.json without their keys, its checkpoints without the gate's state) resumes with today's command and
     finishes as it would have: a fixed warm-up, weights equal to an uninterrupted run of that recipe."""
-    from cmalign.adapter.pairs import PairedVectors
     from cmalign.objective.curriculum import CurriculumConfig
 
     fixed = dict(steps=25, curriculum=CurriculumConfig(settle_tolerance=0.0))
     straight = adapt(_cfg(stored, tmp_path / "straight", **fixed), show_progress=False)
-    real = PairedVectors.batch
-
-    def interrupted(self, images, seed, step, size):
-        if step == 17:
-            raise KeyboardInterrupt
-        return real(self, images, seed, step, size)
-
-    monkeypatch.setattr(PairedVectors, "batch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        adapt(_cfg(stored, tmp_path / "old", **fixed), show_progress=False)
-    monkeypatch.setattr(PairedVectors, "batch", real)
+    _interrupted_at_step_17(_cfg(stored, tmp_path / "old", **fixed), monkeypatch)
     saved = tmp_path / "old" / "config.json"  # as the earlier code wrote it
     written = json.loads(saved.read_text())
     for key in ("settle_tolerance", "settle_window", "warmup_max_fraction"):
