@@ -340,6 +340,8 @@ def test_an_unknown_key_is_still_a_key_error_with_a_readable_message():
     ({"loss.mmd_bandwidths": ""}, r"mmd_bandwidths must be one or more finite numbers > 0 .*, got \(\)"),
     ({"loss.mmd_bandwidths": "1,-2"}, r"mmd_bandwidths must be one or more finite numbers > 0"),
     ({"loss.lambda_centroid": "inf"}, r"loss.lambda_centroid must be a finite number >= 0, got inf"),
+    ({"model.max_logit_scale": "0"}, r"model.max_logit_scale must be a finite number > 0, got 0.0"),
+    ({"model.fixed_logit_scale": "nan"}, r"model.fixed_logit_scale must be a finite number > 0, got nan"),
 ])
 def test_loss_settings_that_would_fail_mid_training_fail_at_load(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -47,7 +47,6 @@ QUERY_PATHS = ("/knn-service", "/v1/search", "/v1/search/image", "/v1/embed")  #
 INLINE_HITS = 100
 
 
-# -- the typed API's models ---------------------------------------------------------------------------------
 class Observe:
     """Pure ASGI middleware: each request's count, latency and access-log line. (FastAPI's ``@app.middleware``
     wraps every request in Starlette's BaseHTTPMiddleware, whose streams and task group cost more than a tiny
@@ -87,6 +86,7 @@ class Observe:
                                             "ms": round(1000 * seconds, 2), "client": client[0] if client else None}))
 
 
+# -- the typed API's models ---------------------------------------------------------------------------------
 class SearchRequest(BaseModel):
     index: str | None = Field(None, description="served index name (default: the first)")
     text: str | None = Field(None, description="a text query")

@@ -33,7 +33,8 @@ POLL = 0.0005  # seconds between looks at the queue while queries are on their w
 
 class Arrivals:
     """Queries received and not yet handed to a batcher. Counted on the event loop (one thread); batcher threads
-    only read the count."""
+    only read the count. One count for the whole service: a batch may wait (at most max_wait) for a query that
+    turns out to be bound for another index."""
 
     def __init__(self):
         self.count = 0

@@ -129,6 +129,10 @@ class FitConfig:
             raise ConfigError(f"alpha_target must be a finite number >= 0, got {self.alpha_target}")
         if self.optim.lr is not None and not (math.isfinite(self.optim.lr) and self.optim.lr > 0):
             raise ConfigError(f"optim.lr must be a finite number > 0, got {self.optim.lr}")
+        for key in ("max_logit_scale", "fixed_logit_scale"):
+            value = getattr(self.model, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"model.{key} must be a finite number > 0, got {value}")
         if self.train.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {self.train.steps}")
         if self.train.batch_size < 2:
