@@ -316,7 +316,7 @@ def test_plain_progress_says_at_which_step_the_guard_figures_were_measured(tmp_p
 
 
 def test_a_fixed_logit_scale_above_clips_ceiling_is_kept(tmp_path):
-    """Once clamped back to CLIP's 100 after the first step, silently; the ceiling is the larger of the two."""
+    """Once clamped back to CLIP's 100 after the first step, silently; the ceiling bounds a learnable scale only."""
     result = _fit(tmp_path, "--set", "model.fixed_logit_scale=200")
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

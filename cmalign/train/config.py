@@ -26,7 +26,6 @@ from cmalign.errors import ConfigError, MissingInputError
 from cmalign.objective.config import (  # noqa: F401
     BLOCK_ONLY_SETTINGS,
     DISTRIBUTION_TERMS,
-    LEGACY_DEFAULTS,
     MODES,
     CMAConfig,
     GradSchedulerConfig,

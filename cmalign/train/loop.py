@@ -148,8 +148,7 @@ def _optimizer_step(r: FitRun, step: int, batches, params: list) -> dict:
                                f"checkpoint: {r.last_checkpoint or 'none'}. Try a lower --lr.")
     if r.blocks is not None:
         apply_block_scales(r.optimizer, r.blocks.scales)
-    step_optimizer(r.model, r.optimizer, r.scaler, lr,
-                   max(cfg.model.max_logit_scale, cfg.model.fixed_logit_scale or 0))
+    step_optimizer(r.model, r.optimizer, r.scaler, lr, cfg.model.max_logit_scale)
 
     entry = {"step": step + 1, "kind": "train", "phase": phase, "lr": lr, "grad_norm": grad_norm,
              "logit_scale": float(r.model.logit_scale.detach().exp()), "seconds": time.time() - t0}

@@ -75,7 +75,7 @@ def clip_gradients(optimizer, scaler, params: list, grad_clip: float) -> float:
 
 def step_optimizer(model, optimizer, scaler, lr: float, max_logit_scale: float = 100.0) -> None:
     """One update at ``lr`` (× a group's ``lr_scale``, the block scheduler's; through the GradScaler under fp16),
-    then zero the gradients, clamp the logit scale at ``max_logit_scale``."""
+    then zero the gradients, clamp a learnable logit scale at ``max_logit_scale`` (a fixed one stays as set)."""
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     if scaler is not None:
@@ -84,5 +84,6 @@ def step_optimizer(model, optimizer, scaler, lr: float, max_logit_scale: float =
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        model.logit_scale.clamp_(0, math.log(max_logit_scale))
+    if model.logit_scale.requires_grad:
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(max_logit_scale))
