@@ -2,9 +2,14 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers.shared import built_once
 
 # Tests never write to the user's cache: one shared cache per test session (CI sets its own).
 os.environ.setdefault("CMALIGN_CACHE", str(Path(__file__).resolve().parent.parent / ".cache-test"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers share the cores: one OpenMP thread each (for the commands they start too), so that two workers'
+    # torch thread pools do not contend for the same two cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_addoption(parser):
@@ -41,13 +46,15 @@ def alignment_runs(base_model_dir, tmp_path_factory):
     from cmalign.train.config import load_config
     from cmalign.train.loop import fit
 
-    out = {}
-    for alpha in (0.0, 0.5):
-        cfg = load_config(overrides={"alpha_target": alpha, "train.steps": 120, "train.guard_every": 0,
-                                     "train.checkpoint_every": 0,
-                                     "train.out": str(tmp_path_factory.mktemp("q") / f"a{alpha}")})
-        out[alpha] = fit(cfg, show_progress=False)
-    return out
+    def build(root: Path) -> dict:
+        out = {}
+        for alpha in (0.0, 0.5):
+            cfg = load_config(overrides={"alpha_target": alpha, "train.steps": 120, "train.guard_every": 0,
+                                         "train.checkpoint_every": 0, "train.out": str(root / f"a{alpha}")})
+            out[alpha] = fit(cfg, show_progress=False)
+        return out
+
+    return built_once(tmp_path_factory, "alignment-runs", build)
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +62,8 @@ def tiny_export(base_model_dir, tmp_path_factory):
     """The base model exported with every variant and the full retrieval check (one export per session)."""
     from cmalign.export.onnx_export import ExportConfig, export_model
 
-    out = tmp_path_factory.mktemp("exports") / "tiny"
-    return export_model(ExportConfig(source=str(base_model_dir), out=str(out), fp16=True, int8=True))
+    return built_once(tmp_path_factory, "tiny-export", lambda root: export_model(
+        ExportConfig(source=str(base_model_dir), out=str(root / "tiny"), fp16=True, int8=True)))
 
 
 @pytest.fixture(scope="session")
@@ -67,10 +74,13 @@ def aligned_index(request, tmp_path_factory):
     from cmalign.export.onnx_export import ExportConfig, export_model
     from cmalign.index import IndexConfig, build_index
 
-    root = tmp_path_factory.mktemp("served")
     alignment_runs = request.getfixturevalue("alignment_runs")
-    export = export_model(ExportConfig(source=str(alignment_runs[0.5].run_dir), out=str(root / "export"),
-                                       int8=True, retrieval_images=0))
-    embed_dataset(EmbedConfig(export=str(export.out), data="generated:val", out=str(root / "emb")))
-    build_index(IndexConfig(embeddings=str(root / "emb"), out=str(root / "val")))
-    return {"export": export.out, "emb": root / "emb", "index": root / "val"}
+
+    def build(root: Path) -> dict:
+        export = export_model(ExportConfig(source=str(alignment_runs[0.5].run_dir), out=str(root / "export"),
+                                           int8=True, retrieval_images=0))
+        embed_dataset(EmbedConfig(export=str(export.out), data="generated:val", out=str(root / "emb")))
+        build_index(IndexConfig(embeddings=str(root / "emb"), out=str(root / "val")))
+        return {"export": export.out, "emb": root / "emb", "index": root / "val"}
+
+    return built_once(tmp_path_factory, "served", build)
