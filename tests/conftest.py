@@ -2,7 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers.shared import built_once
+from helpers.shared import all_cores, built_once
 
 # Tests never write to the user's cache: one shared cache per test session (CI sets its own).
 os.environ.setdefault("CMALIGN_CACHE", str(Path(__file__).resolve().parent.parent / ".cache-test"))
@@ -37,7 +37,8 @@ def base_model_dir():
     """The embedded pretrained base (built once per cache; CI builds it on first use)."""
     from cmalign.model.base import ensure_base_model
 
-    return ensure_base_model()
+    with all_cores():
+        return ensure_base_model()
 
 
 @pytest.fixture(scope="session")

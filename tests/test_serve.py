@@ -305,6 +305,35 @@ def test_with_arrivals_a_batch_does_not_wait_for_queries_that_are_not_coming():
         assert at_least <= seconds < at_most, (arrivals, seconds)
 
 
+def test_a_query_is_awaited_under_a_proxy_prefix_too():
+    """Behind a proxy that adds a prefix (uvicorn --root-path), ASGI's path carries the prefix; the middleware still
+    tells the batchers a query is on its way (before, such a service silently fell back to greedy batches)."""
+    from cmalign.serve.app import Observe
+    from cmalign.serve.metrics import ServiceMetrics
+
+    arrivals, seen = Arrivals(), {}
+
+    async def app(scope, receive, send):
+        seen[scope["path"]] = arrivals.count
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    observed = Observe(app, ServiceMetrics(), lambda: 0, log_requests=False, arrivals=arrivals)
+
+    async def request(path, root_path=""):
+        scope = {"type": "http", "method": "POST", "path": path, "root_path": root_path, "headers": []}
+        await observed(scope, None, lambda message: asyncio.sleep(0))
+
+    async def main():
+        for path, root in (("/v1/search", ""), ("/search/v1/search", "/search"), ("/search/knn-service", "/search"),
+                           ("/search/healthz", "/search")):
+            await request(path, root)
+
+    asyncio.run(main())
+    assert seen == {"/v1/search": 1, "/search/v1/search": 1, "/search/knn-service": 1, "/search/healthz": 0}
+    assert arrivals.count == 0
+
+
 def test_with_arrivals_a_batch_waits_for_a_query_already_received():
     """A request the server has received but not yet handed over (still being parsed, say) joins the batch."""
     arrivals = Arrivals()

@@ -42,9 +42,18 @@ IGNORED_KNN_FIELDS = ("use_mclip", "use_safety_model", "use_violence_detector", 
 KNN_FIELDS = ("text", "image", "image_url", "embedding_input", "modality", "num_images", "num_result_ids",
               "indice_name", "deduplicate", *IGNORED_KNN_FIELDS)
 QUERY_FIELDS = ("text", "image", "image_url", "embedding_input")
-QUERY_PATHS = ("/knn-service", "/v1/search", "/v1/search/image", "/v1/embed")  # requests that reach a batcher
+# The routes whose requests reach a batcher; the decorators below use these names, so the two cannot drift apart.
+KNN_PATH, SEARCH_PATH, SEARCH_IMAGE_PATH, EMBED_PATH = "/knn-service", "/v1/search", "/v1/search/image", "/v1/embed"
+QUERY_PATHS = frozenset((KNN_PATH, SEARCH_PATH, SEARCH_IMAGE_PATH, EMBED_PATH))
 # Up to this many hits a query's rows are read on the event loop (~0.1 ms for 10); more go to a worker thread.
 INLINE_HITS = 100
+
+
+def route_path(scope) -> str:
+    """The request's path as the routes see it. ASGI's ``path`` includes the ``root_path`` that a proxy's prefix
+    (uvicorn ``--root-path``) or a mount puts in front; the route table does not."""
+    path, root = scope["path"], scope.get("root_path") or ""
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 class Observe:
@@ -62,7 +71,7 @@ class Observe:
         t0 = time.perf_counter()
         status = 500
         # a query on its way to a batcher, which waits for it (cmalign.serve.batcher.Arrivals)
-        arrival = self.arrivals.arrive() if self.arrivals is not None and scope["path"] in QUERY_PATHS else None
+        arrival = self.arrivals.arrive() if self.arrivals is not None and route_path(scope) in QUERY_PATHS else None
 
         async def observed_send(message):
             nonlocal status
@@ -193,7 +202,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
         return await run_in_threadpool(served_index.hits, result)
 
     # -- clip-retrieval's API -----------------------------------------------------------------------------
-    @app.post("/knn-service", tags=["clip-retrieval"])
+    @app.post(KNN_PATH, tags=["clip-retrieval"])
     async def knn_service(request: Request):
         """clip back's knn service: one of text / image (base64) / image_url / embedding_input; `modality`
         image | text (clip back) or all; results as clip back gives them, with `modality` added."""
@@ -264,7 +273,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
     async def list_indexes():
         return [i.describe() for i in engine.indexes.values()]
 
-    @app.post("/v1/search", response_model=SearchResponse, tags=["search"])
+    @app.post(SEARCH_PATH, response_model=SearchResponse, tags=["search"])
     async def v1_search(request: Request, req: SearchRequest):
         """Query by text, image (base64), an item id ("more like this") or a vector."""
         idx = served(req.index)
@@ -290,7 +299,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
             kind, value = "vector", inputs.vector(req.vector, "vector", idx.dim)
         return await typed_hits(request, idx, kind, value, k, req.modality, {"kind": field})
 
-    @app.post("/v1/search/image", response_model=SearchResponse, tags=["search"])
+    @app.post(SEARCH_IMAGE_PATH, response_model=SearchResponse, tags=["search"])
     async def v1_search_image(request: Request, file: UploadFile = File(..., description="an image file"),
                               index: str | None = Form(None), modality: Literal["any", "image", "text"] = Form("any"),
                               k: int = Form(10)):
@@ -310,7 +319,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
             h["url"] = url(h["id"])
         return {"index": idx.name, "query": {**query, "modality": modality, "k": k}, "hits": hits}
 
-    @app.post("/v1/embed", response_model=EmbedResponse, tags=["search"])
+    @app.post(EMBED_PATH, response_model=EmbedResponse, tags=["search"])
     async def v1_embed(req: EmbedRequest):
         """A text or an image to its vector in the index's space."""
         idx = served(req.index)

@@ -10,11 +10,26 @@ the filelock package, as cmalign.model.base does for the base model.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def all_cores():
+    """torch on every core while a shared fixture is built: the other worker is usually waiting for it, and the
+    base model comes out as a serial run (torch's default threads) builds it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]):
@@ -28,7 +43,8 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]):
         if value_file.is_file():
             return pickle.loads(value_file.read_bytes())
         root.mkdir(exist_ok=True)
-        value = build(root)
+        with all_cores():
+            value = build(root)
         tmp = value_file.with_suffix(".tmp")
         tmp.write_bytes(pickle.dumps(value))
         tmp.replace(value_file)
