@@ -164,19 +164,26 @@ def weighted_median(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return out
 
 
-def _comb2(a: np.ndarray) -> np.ndarray:
-    return a * (a - 1) / 2
+def _pairs(a: np.ndarray, copies: np.ndarray) -> np.ndarray:
+    """Pairs of distinct points among ``a`` points of which ``copies`` is the sum of squared draw counts: a point
+    drawn w times makes w² ordered pairs with its own copies, none of them a pair. C(a, 2) when copies = a."""
+    return (a * a - copies) / 2
 
 
-def contingency_ari(table: np.ndarray) -> np.ndarray:
-    """Adjusted Rand index from contingency tables (..., classes, clusters) of counts, as sklearn computes it."""
+def contingency_ari(table: np.ndarray, copies: np.ndarray | None = None) -> np.ndarray:
+    """Adjusted Rand index from contingency tables (..., classes, clusters) of counts, as sklearn computes it.
+
+    ``copies``: for a bootstrap resample's table of draw counts, the same table of squared draw counts; pairs are
+    then counted between distinct points only. Counting the copies of one drawn point as pairs that agree biased the
+    replicates upwards: on 300 images of 64 classes every interval lay above its own estimate.
+    """
     t = np.asarray(table, np.float64)
-    n = t.sum(axis=(-2, -1))
-    sum_ij = _comb2(t).sum(axis=(-2, -1))
-    sum_a = _comb2(t.sum(axis=-1)).sum(axis=-1)
-    sum_b = _comb2(t.sum(axis=-2)).sum(axis=-1)
+    c = t if copies is None else np.asarray(copies, np.float64)
+    sum_ij = _pairs(t, c).sum(axis=(-2, -1))
+    sum_a = _pairs(t.sum(axis=-1), c.sum(axis=-1)).sum(axis=-1)
+    sum_b = _pairs(t.sum(axis=-2), c.sum(axis=-2)).sum(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        expected = sum_a * sum_b / _comb2(n)
+        expected = sum_a * sum_b / _pairs(t.sum(axis=(-2, -1)), c.sum(axis=(-2, -1)))
         denom = (sum_a + sum_b) / 2 - expected
         ari = (sum_ij - expected) / denom
     # sklearn: perfect agreement (including one cluster against one class) scores 1

@@ -15,6 +15,7 @@ from cmalign.metrics.bootstrap import (
     LEVEL,
     Bootstrap,
     bootstrap,
+    contingency_ari,
     contingency_nmi,
     counts,
     group_totals,
@@ -99,32 +100,6 @@ def _two_point_table(rows: tuple[np.ndarray, np.ndarray], cols: tuple[np.ndarray
     return table, r, k
 
 
-def _distinct_pairs(w: np.ndarray, per_item: np.ndarray) -> np.ndarray:
-    """Pair counts per column of ``per_item`` (n, m: how many of item i's points fall in column j) in a resample
-    with draw counts ``w``, counting only pairs of distinct points: two copies of one point are not a pair that
-    agrees. A point drawn w times has w² ordered pairs with its own copies (itself included), hence c² − Σ w²; at
-    unit weights this is C(count, 2), the plain pair count.
-    """
-    c = w @ per_item
-    return (c * c - (w * w) @ per_item) / 2
-
-
-def resampled_ari(w: np.ndarray, table: np.ndarray, r: int, k: int) -> np.ndarray:
-    """ARI of each resample (rows of ``w``) from distinct-point pair counts. Counting the pairs of a contingency
-    table of draw counts instead (C(n_ij, 2)) makes each drawn copy agree with itself, which biased the bootstrap
-    upwards: on 300 images of 64 classes every interval lay above its own point estimate."""
-    cells = _distinct_pairs(w, table).sum(-1)
-    by_item = table.reshape(len(table), r, k)
-    rows = _distinct_pairs(w, by_item.sum(2)).sum(-1)
-    cols = _distinct_pairs(w, by_item.sum(1)).sum(-1)
-    total = _distinct_pairs(w, table.sum(1, keepdims=True))[:, 0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        expected = rows * cols / total
-        denom = (rows + cols) / 2 - expected
-        ari = (cells - expected) / denom
-    return np.where(denom == 0, 1.0, ari)
-
-
 def clustering_intervals(assignments: dict, reps: int = DEFAULT_REPS, seed: int = 0,
                          level: float = LEVEL) -> Bootstrap | None:
     """ARI/NMI recomputed on resampled images (each with its text point), the cluster assignments held fixed:
@@ -148,7 +123,10 @@ def clustering_intervals(assignments: dict, reps: int = DEFAULT_REPS, seed: int 
         out = []
         for kind, table, r, k in parts:
             c = (w @ table).reshape(len(w), r, k)
-            out += [resampled_ari(w, table, r, k), contingency_nmi(c)] if kind == "class" else [contingency_nmi(c)]
+            if kind == "class":  # ARI over pairs of distinct points: the squared draw counts take the copies out
+                out += [contingency_ari(c, ((w * w) @ table).reshape(len(w), r, k)), contingency_nmi(c)]
+            else:
+                out.append(contingency_nmi(c))
         if noise is not None:
             out.append(w @ noise / n)
         return np.stack(out)
