@@ -7,8 +7,9 @@ embeddings of the unaligned base export, on the same data with the same tasks.
 Steps: export the cached base model; embed the generated train split with it (10,000 images, 50,000 captions: the
 stored corpus); `adapt` each kind on those vectors (`both-mlp`: kind both with a residual MLP, `--hidden 256`);
 `cmalign eval` each derived export against the base export with the post-hoc fixes (mean-centring, Liang,
-Procrustes, GR-CLIP's centring) fitted on the base's vectors. Writes
-benchmarks/results/adapter_quality.json (summary rows of every system, timings) and prints them.
+Procrustes, GR-CLIP's centring) fitted on the base's vectors (for `both` and `query`). Writes
+benchmarks/results/adapter_quality.json (summary rows of every system; each adapter against each fix, model − fix
+with its paired interval; timings) and prints them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import time
 from pathlib import Path
 
 CMALIGN = str(Path(sys.executable).parent / "cmalign")
+AGAINST = ("retrieval.i2t_R@1", "retrieval.t2i_R@1", "zeroshot.top1", "clustering.kmeans_ari", "caption.cider_d",
+           "mixed.text_query_image_share@10")
 
 
 def main() -> None:
@@ -63,19 +66,28 @@ def main() -> None:
             timings[f"adapt_{kind}"] = time.time() - t0
         t0 = time.time()
         result = evaluate(EvalConfig(source=str(adapter), baseline=str(base),
-                                     posthoc=NAMES if kind == "both" else (),
+                                     posthoc=NAMES if kind in ("both", "query") else (),
                                      out=str(work / f"report-{kind}"), overwrite=True), log=print)
         timings[f"eval_{kind}"] = time.time() - t0
         m = result.metrics
         out["systems"][kind] = {label: dict(zip(m["systems"], cells, strict=True))
                                 for label, cells in summary_rows(m)}
         out["systems"][kind]["adapter_summary"] = json.loads((adapter / "summary.json").read_text())
+        if m["comparison"].get("model_against_fixes"):
+            out.setdefault("against_fixes", {})[kind] = m["comparison"]["model_against_fixes"]
     Path(args.result).write_text(json.dumps(out, indent=2) + "\n")
     for kind, rows in out["systems"].items():
         print(f"== adapter {kind}")
         for label, cells in rows.items():
             if label != "adapter_summary":
                 print(f"{label:28s} " + "  ".join(f"{k}={v}" for k, v in cells.items()))
+    for kind, fixes in out.get("against_fixes", {}).items():
+        print(f"== adapter {kind} − each fix (paired 95 % interval)")
+        for fix, c in fixes.items():
+            print(f"{fix:22s} " + "  ".join(
+                f"{key.split('.', 1)[1]}={c['delta'][key]:+.4f} [{c['ci'][f'delta.{key}'][0]:+.4f}, "
+                f"{c['ci'][f'delta.{key}'][1]:+.4f}]" for key in AGAINST
+                if key in c["delta"] and f"delta.{key}" in c.get("ci", {})))
 
 
 if __name__ == "__main__":

@@ -63,10 +63,19 @@ def test_every_figure_has_an_interval_or_a_reason(base_model_dir, tmp_path):
     assert boot["basic"] == [f"gap.{k}" for k in ("centroid", "paired_residual", "mmd2", "bures", "coral", "w2")]
     assert "delta.caption.rouge_l" in comp["ci"] and "delta.zeroshot.top1" in comp["ci"]
     assert any(k.endswith(".bootstrap") for k in m["timings_seconds"])
+    # the model against each fix: model − fix, whose paired interval mirrors the fix's against the model
+    against = m["comparison"]["model_against_fixes"]["model+centring"]
+    for key in ("zeroshot.top1", "retrieval.t2i_R@1", "clustering.kmeans_ari"):
+        task, figure = key.split(".")
+        assert against["delta"][key] == pytest.approx(
+            m["systems"]["model"][task][figure] - m["systems"]["model+centring"][task][figure], abs=1e-12)
+        lo, hi = comp["ci"][f"delta.{key}"]
+        assert against["ci"][f"delta.{key}"] == pytest.approx([-hi, -lo], abs=1e-12)
 
     report = (out / "report.md").read_text()
     assert "## Confidence intervals" in report and "centroid gap (L2M)" in report
     assert "L2I (mean caption)" in report and "ROUGE-L from images" in report
+    assert "The model against each post-hoc fix" in report and "| model+centring |" in report
     raw = m["systems"]["model"]["gap"]["raw"]
     lo, hi = m["ci"]["model"]["gap"]["raw"]
     assert f"{raw:.4f} [{lo:.4f}, {hi:.4f}]" in report

@@ -311,6 +311,9 @@ def definitions() -> dict[str, str]:
     out["comparison.ci.<gap_reduction|delta>.<figure>"] = (
         "paired interval of a change against the reference: the same image resamples for both systems, "
         "replicate by replicate")
+    out["comparison.model_against_fixes.<fix>"] = (
+        "the model's changes against one post-hoc fix (delta = model − fix), with paired intervals as above; "
+        "present when post-hoc fixes were evaluated beside a model")
     return out
 
 

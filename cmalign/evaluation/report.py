@@ -106,6 +106,33 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+AGAINST_FIXES = (("retrieval.i2t_R@1", "Δ R@1 i→t"), ("retrieval.t2i_R@1", "Δ R@1 t→i"),
+                 ("zeroshot.top1", "Δ zero-shot"), ("clustering.kmeans_ari", "Δ KMeans ARI"),
+                 ("caption.cider_d", "Δ CIDEr-D"), ("mixed.text_query_image_share@10", "Δ text query: images@10"))
+
+
+def _against_fixes_section(metrics: dict) -> list[str]:
+    """model − fix for each post-hoc fix; a change whose paired interval excludes 0 is bold (resolved)."""
+    against = metrics["comparison"].get("model_against_fixes")
+    if not against:
+        return []
+    shown = [(k, label) for k, label in AGAINST_FIXES if any(k in c["delta"] for c in against.values())]
+    rows = []
+    for fix, c in against.items():
+        row = [fix]
+        for key, _ in shown:
+            if key not in c["delta"]:
+                row.append("—")
+                continue
+            ci = c.get("ci", {}).get(f"delta.{key}")
+            text = _fmt(c["delta"][key]) + _interval(ci)
+            row.append(f"**{text}**" if ci and (ci[0] > 0 or ci[1] < 0) else text)
+        rows.append(row)
+    return (["The model against each post-hoc fix (model − fix; **bold**: the paired interval excludes 0, so the "
+             "difference is resolved on this evaluation set):", ""]
+            + markdown_table(["fix"] + [label for _, label in shown], rows) + [""])
+
+
 def write_report(path: Path, metrics: dict) -> None:
     systems = metrics["systems"]
     names = list(systems)
@@ -167,6 +194,8 @@ def write_report(path: Path, metrics: dict) -> None:
         lines += ["", "(gap reduction = 1 − gap(system) / gap(reference); positive = smaller gap"
                   + ("; [low, high]: paired bootstrap intervals, both systems on the same image resamples)"
                      if has_ci else ")"), ""]
+
+    lines += _against_fixes_section(metrics)
 
     for task, title in TASK_TITLES.items():
         keys = []
