@@ -124,7 +124,7 @@ def print_summary(console, result) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from cmalign.evaluation.report import summary_rows
+    from cmalign.evaluation.report import against_fix_verdicts, summary_rows
 
     m = result.metrics
     table = Table(title=f"{escape(str(result.out))}  ({m['data']['images']} images, {m['data']['captions']} "
@@ -138,6 +138,12 @@ def print_summary(console, result) -> None:
     for label, cells in summary_rows(m):
         table.add_row(escape(label), *cells)
     console.print(table)
+    for fix, verdict in against_fix_verdicts(m).items():
+        parts = [f"{side} on {', '.join(verdict[side])}" for side in ("better", "worse") if verdict[side]]
+        console.print(f"model against {escape(fix)} (paired 95 % intervals): "
+                      f"{'; '.join(parts) or 'no resolved difference'}"
+                      + (f"; tied on {', '.join(verdict['tied'])}" if verdict["tied"] and parts else ""),
+                      highlight=False)
     for note in m["notes"]:
         console.print(f"note: {escape(note)}", highlight=False)
     for task, why in m["skipped"].items():

@@ -53,13 +53,28 @@ def test_eval_of_a_run_writes_metrics_report_and_figures(run_report):
     assert "retrieval.i2t_R@k" in m["definitions"] and m["data"]["templates"]
     assert m["settings"]["seed"] == 0 and "tokenizer" in m["settings"]["caption_tokenizer"]
 
+    # the terminal says, fix by fix, where the model is resolved better or worse (paired intervals)
+    for fix in ("centring", "liang", "procrustes", "grclip"):
+        assert f"model against baseline+{fix} (paired 95 % intervals):" in text, text
+
     report = (out / "report.md").read_text()
     for heading in ("## Summary", "## Gap decomposition", "## Caption-prefix quality", "## Definitions",
-                    "Changes against **baseline**", "CIDEr scoring"):
+                    "Changes against **baseline**", "CIDEr scoring", "The model against each post-hoc fix"):
         assert heading in report
     for fig in ("embedding_map.png", "gap_decomposition.png", "tasks_vs_gap.png", "mixed_corpus.png"):
         assert (out / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({fig})" in report
+
+
+def test_against_fix_verdicts_read_the_paired_interval():
+    from cmalign.evaluation.report import against_fix_verdicts
+
+    ci = {"delta.zeroshot.top1": [-0.045, -0.003], "delta.clustering.kmeans_ari": [0.001, 0.015],
+          "delta.caption.cider_d": [-0.02, 0.12]}
+    m = {"comparison": {"model_against_fixes": {"baseline+grclip": {"delta": {}, "ci": ci}}}}
+    assert against_fix_verdicts(m) == {"baseline+grclip": {"better": ["KMeans ARI"], "worse": ["zero-shot"],
+                                                           "tied": ["CIDEr-D"]}}
+    assert against_fix_verdicts({"comparison": {}}) == {}
 
 
 def _expected_hit(scores: np.ndarray, positive: np.ndarray, k: int, tol: float = 1e-6) -> float:

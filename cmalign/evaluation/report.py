@@ -111,6 +111,21 @@ AGAINST_FIXES = (("retrieval.i2t_R@1", "Δ R@1 i→t"), ("retrieval.t2i_R@1", "�
                  ("caption.cider_d", "Δ CIDEr-D"), ("mixed.text_query_image_share@10", "Δ text query: images@10"))
 
 
+def against_fix_verdicts(metrics: dict) -> dict[str, dict[str, list[str]]]:
+    """Per fix, the figures of :data:`AGAINST_FIXES` (all higher-is-better) where the model is resolved better,
+    resolved worse, or not resolved (its paired interval includes 0): {fix: {"better"|"worse"|"tied": [labels]}}."""
+    out = {}
+    for fix, c in (metrics["comparison"].get("model_against_fixes") or {}).items():
+        verdict: dict[str, list[str]] = {"better": [], "worse": [], "tied": []}
+        for key, label in AGAINST_FIXES:
+            ci = c.get("ci", {}).get(f"delta.{key}")
+            if ci is not None:
+                side = "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "tied"
+                verdict[side].append(label.removeprefix("Δ "))
+        out[fix] = verdict
+    return out
+
+
 def _against_fixes_section(metrics: dict) -> list[str]:
     """model − fix for each post-hoc fix; a change whose paired interval excludes 0 is bold (resolved)."""
     against = metrics["comparison"].get("model_against_fixes")
