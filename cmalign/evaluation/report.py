@@ -111,6 +111,11 @@ AGAINST_FIXES = (("retrieval.i2t_R@1", "Δ R@1 i→t"), ("retrieval.t2i_R@1", "�
                  ("caption.cider_d", "Δ CIDEr-D"), ("mixed.text_query_image_share@10", "Δ text query: images@10"))
 
 
+def _side(ci) -> str:
+    """Where a paired interval of a higher-is-better change lies: above 0, below 0, or across it."""
+    return "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "tied"
+
+
 def against_fix_verdicts(metrics: dict) -> dict[str, dict[str, list[str]]]:
     """Per fix, the figures of :data:`AGAINST_FIXES` (all higher-is-better) where the model is resolved better,
     resolved worse, or not resolved (its paired interval includes 0): {fix: {"better"|"worse"|"tied": [labels]}}."""
@@ -120,8 +125,7 @@ def against_fix_verdicts(metrics: dict) -> dict[str, dict[str, list[str]]]:
         for key, label in AGAINST_FIXES:
             ci = c.get("ci", {}).get(f"delta.{key}")
             if ci is not None:
-                side = "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "tied"
-                verdict[side].append(label.removeprefix("Δ "))
+                verdict[_side(ci)].append(label.removeprefix("Δ "))
         out[fix] = verdict
     return out
 
@@ -141,7 +145,7 @@ def _against_fixes_section(metrics: dict) -> list[str]:
                 continue
             ci = c.get("ci", {}).get(f"delta.{key}")
             text = _fmt(c["delta"][key]) + _interval(ci)
-            row.append(f"**{text}**" if ci and (ci[0] > 0 or ci[1] < 0) else text)
+            row.append(f"**{text}**" if ci and _side(ci) != "tied" else text)
         rows.append(row)
     return (["The model against each post-hoc fix (model − fix; **bold**: the paired interval excludes 0, so the "
              "difference is resolved on this evaluation set):", ""]
