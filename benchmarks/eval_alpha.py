@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from cmalign.evaluation import EvalConfig, evaluate
+from cmalign.evaluation.posthoc import NAMES
 from cmalign.evaluation.report import summary_rows
 from cmalign.train.config import load_config
 from cmalign.train.loop import fit
@@ -39,7 +40,7 @@ def main() -> None:
     runs = Path(args.runs)
     plain = ensure_run(runs / "a0", 0.0, args.steps, args.reuse)
     aligned = ensure_run(runs / "a0.5", 0.5, args.steps, args.reuse)
-    result = evaluate(EvalConfig(source=str(aligned), baseline=str(plain), posthoc=("centring", "liang", "procrustes"),
+    result = evaluate(EvalConfig(source=str(aligned), baseline=str(plain), posthoc=NAMES,
                                  out=args.report, overwrite=True), log=print)
     m = result.metrics
     summary = {label: dict(zip(m["systems"], cells, strict=True)) for label, cells in summary_rows(m)}
