@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 
 CMALIGN = str(Path(sys.executable).parent / "cmalign")
-AGAINST = ("retrieval.i2t_R@1", "retrieval.t2i_R@1", "zeroshot.top1", "clustering.kmeans_ari", "caption.cider_d",
-           "mixed.text_query_image_share@10")
 
 
 def main() -> None:
@@ -38,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     from cmalign.evaluation import EvalConfig, evaluate
     from cmalign.evaluation.posthoc import NAMES
-    from cmalign.evaluation.report import summary_rows
+    from cmalign.evaluation.report import AGAINST_FIXES, summary_rows
     from cmalign.model.base import ensure_base_model
 
     work = Path(args.work)
@@ -86,7 +84,7 @@ def main() -> None:
         for fix, c in fixes.items():
             print(f"{fix:22s} " + "  ".join(
                 f"{key.split('.', 1)[1]}={c['delta'][key]:+.4f} [{c['ci'][f'delta.{key}'][0]:+.4f}, "
-                f"{c['ci'][f'delta.{key}'][1]:+.4f}]" for key in AGAINST
+                f"{c['ci'][f'delta.{key}'][1]:+.4f}]" for key, _ in AGAINST_FIXES
                 if key in c["delta"] and f"delta.{key}" in c.get("ci", {})))
 
 
