@@ -85,6 +85,9 @@ def fit_command(
                              "squared distance; not in the paper, it closes what the centroid and distribution "
                              f"terms cannot reach; 0 = the paper's loss) {_d(_D.loss.lambda_paired)}",
                              rich_help_panel="Method")] = None,
+    text_share: Annotated[float | None, typer.Option(help="Share of the alignment terms' gradient that reaches the "
+                          "text tower, 0–1 (the image tower gets all of it; 1 = both alike, the paper; lower keeps "
+                          f"text→image retrieval) {_d(_D.loss.text_share)}", rich_help_panel="Method")] = None,
     warmup_fraction: Annotated[float | None, typer.Option(help="Phase 1 (α=0) as a fraction of the steps "
                                f"{_d(_D.curriculum.warmup_fraction)}", rich_help_panel="Method")] = None,
     intro_fraction: Annotated[float | None, typer.Option(help="Phase 2 (α ramps to intro ratio × α_target) as "
@@ -150,6 +153,7 @@ def fit_command(
         "model.grad_checkpointing": grad_checkpointing,
         "alpha_target": alpha_target, "loss.distribution": distribution, "loss.lambda_centroid": lambda_centroid,
         "loss.lambda_distribution": lambda_distribution, "loss.lambda_paired": lambda_paired,
+        "loss.text_share": text_share,
         "curriculum.warmup_fraction": warmup_fraction,
         "curriculum.intro_fraction": intro_fraction, "curriculum.ramp": ramp, "scheduler.mode": scheduler,
         "scheduler.max_ratio": max_ratio, "train.steps": steps, "train.batch_size": batch_size,

@@ -239,10 +239,10 @@ def test_config_written_before_the_relayout_loads_with_its_hash_and_keys(name: s
     added = {k: v for k, v in new["scheduler"].items() if k not in old["scheduler"]}
     assert set(added) == set(BLOCK_ONLY_SETTINGS)
     assert {k: v for k, v in new["scheduler"].items() if k not in added} == old["scheduler"]
-    # and the paired term's weight: 0 (off) for a file written before the term existed, which leaves the identity
-    # as it was, though the default is now 3
-    assert {k for k in new["loss"] if k not in old["loss"]} == {"lambda_paired"} and new["loss"]["lambda_paired"] == 0
-    new["loss"].pop("lambda_paired")
+    # and the paired term's weight: 0 (off) for a file written before the term existed, and the text tower's share of
+    # the alignment gradient: all of it; both leave the identity as it was, though the defaults are now 5 and 0.25
+    assert {k for k in new["loss"] if k not in old["loss"]} == {"lambda_paired", "text_share"}
+    assert new["loss"].pop("lambda_paired") == 0 and new["loss"].pop("text_share") == 1.0
     # and the warm-up's settle gate: off (a fixed warm-up) for a file written before it, the identity unchanged
     gate = {k: new["curriculum"].pop(k) for k in ("settle_tolerance", "settle_window", "warmup_max_fraction")}
     assert gate["settle_tolerance"] == 0 and cfg.curriculum.settle_tolerance == 0
@@ -259,6 +259,8 @@ def test_defaults_with_the_earlier_scheduler_hash_as_before_the_relayout() -> No
     cfg.scheduler.mode = "project"
     assert cfg.hash() != PRE_MOVE_HASHES["default"]  # the paired term became the default too
     cfg.loss.lambda_paired = 0.0
+    assert cfg.hash() != PRE_MOVE_HASHES["default"]  # the text tower's share of the alignment gradient too
+    cfg.loss.text_share = 1.0
     assert cfg.hash() != PRE_MOVE_HASHES["default"]  # the warm-up's settle gate too
     cfg.curriculum.settle_tolerance = 0.0
     assert cfg.hash() == PRE_MOVE_HASHES["default"]
@@ -276,11 +278,16 @@ def test_a_complete_old_curriculum_table_means_a_fixed_warmup_and_a_partial_one_
 def test_a_partial_loss_table_gets_the_paired_terms_default_and_a_complete_old_one_zero(tmp_path) -> None:
     partial = tmp_path / "partial.toml"
     partial.write_text("[loss]\nlambda_distribution = 5.0\n")
-    assert load_config(partial).loss.lambda_paired == 3.0
-    # written whole by an earlier cmalign (scale_by_logit_scale is always written): the term did not exist
+    assert load_config(partial).loss.lambda_paired == 5.0 and load_config(partial).loss.text_share == 0.25
+    # written whole by an earlier cmalign (scale_by_logit_scale is always written): the term did not exist, and both
+    # towers took the alignment gradient alike
     old = tmp_path / "old.toml"
     old.write_text("[loss]\nlambda_distribution = 5.0\nscale_by_logit_scale = true\n")
-    assert load_config(old).loss.lambda_paired == 0.0
+    assert load_config(old).loss.lambda_paired == 0.0 and load_config(old).loss.text_share == 1.0
+    # written by the version that had the paired term but not the share: both towers alike, its λ_p kept
+    between = tmp_path / "between.toml"
+    between.write_text("[loss]\nlambda_paired = 3.0\nscale_by_logit_scale = true\n")
+    assert load_config(between).loss.lambda_paired == 3.0 and load_config(between).loss.text_share == 1.0
     # and a whole file of this version keeps what it says
     cfg = load_config(old, {"loss.lambda_paired": "1.5"})
     now = tmp_path / "now.toml"
@@ -305,7 +312,7 @@ def test_sweep_runs_keep_the_identity_they_had_before_the_relayout() -> None:
     from cmalign.sweep.run import RunSpec, fit_config
 
     cfg = fit_config(SweepConfig(steps=50, fit_overrides={"optim.lr": "1e-3", "scheduler.mode": "project",
-                                                          "loss.lambda_paired": "0",
+                                                          "loss.lambda_paired": "0", "loss.text_share": "1",
                                                           "curriculum.settle_tolerance": "0"}),
                      RunSpec("a0.5", 0.5, {}, "alpha"), Path("sweeps/default/runs/a0.5"))
     assert cfg.hash() == PRE_MOVE_HASHES["sweep_a0.5"]

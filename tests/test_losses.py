@@ -249,12 +249,36 @@ def test_centroid_gradient_pulls_the_means_together() -> None:
     x, y, scale = features()
     x.requires_grad_(True)
     y.requires_grad_(True)
-    out = CMALoss(CMAConfig(lambda_distribution=0.0, lambda_paired=0.0, scale_by_logit_scale=False))(x, y, scale)
+    out = CMALoss(CMAConfig(lambda_distribution=0.0, lambda_paired=0.0, scale_by_logit_scale=False,
+                            text_share=1.0))(x, y, scale)
     out["cma"].backward()
     n = x.shape[0]
     diff = (x.mean(0) - y.mean(0)).detach()
     assert torch.allclose(x.grad, (2 * diff / n).expand_as(x), atol=1e-6)
     assert torch.allclose(y.grad, (-2 * diff / n).expand_as(y), atol=1e-6)
+
+
+@pytest.mark.parametrize("dist", ["mmd", "bures"])
+def test_text_share_scales_only_the_text_towers_alignment_gradient(dist: str) -> None:
+    x, y, scale = features(seed=6)
+    grads = {}
+    for share in (1.0, 0.25, 0.0):
+        xs, ys = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        out = CMALoss(CMAConfig(distribution=dist, text_share=share))(xs, ys, scale, alpha=0.5)
+        out["cma"].backward()
+        grads[share] = (out["cma"].item(), xs.grad, torch.zeros_like(y) if ys.grad is None else ys.grad)
+    value, gx, gy = grads[1.0]
+    for share in (0.25, 0.0):
+        v, sx, sy = grads[share]
+        assert v == value  # the terms measure the same gap
+        torch.testing.assert_close(sx, gx, rtol=0, atol=0)  # the image tower gets all of it
+        torch.testing.assert_close(sy, share * gy, rtol=1e-6, atol=1e-9)
+    # the contrastive loss still reaches the text side at 0
+    ys = y.clone().requires_grad_(True)
+    CMALoss(CMAConfig(text_share=0.0))(x, ys, scale, alpha=0.5)["total"].backward()
+    assert ys.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="text_share"):
+        CMAConfig(text_share=1.5)
 
 
 def test_paired_term_is_the_centred_pairs_squared_distance_and_closes_the_raw_gap() -> None:

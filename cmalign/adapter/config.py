@@ -47,7 +47,8 @@ class AdaptConfig:
     seed: int = 0
     checkpoint_every: int = 100
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
-    loss: CMAConfig = field(default_factory=lambda: CMAConfig(lambda_paired=0.0))
+    # fit's defaults, but the paper's two terms (no paired term) and both sides moved alike
+    loss: CMAConfig = field(default_factory=lambda: CMAConfig(lambda_paired=0.0, text_share=1.0))
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     scheduler: GradSchedulerConfig = field(default_factory=GradSchedulerConfig)
 

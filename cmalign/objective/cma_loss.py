@@ -6,7 +6,8 @@
 means of the L2-normalised embeddings, x̃/ỹ the batch-centred embeddings, and ``D̂`` a distribution
 distance between the centred clouds: unbiased multi-bandwidth RBF MMD² of the paired batch (default), CORAL, or the
 Bures distance of the covariances. ``s`` is the detached logit scale when ``scale_by_logit_scale``
-(default), so the term is in the same units as the contrastive logits, else 1. Under DDP the
+(default), so the term is in the same units as the contrastive logits, else 1. ``text_share`` scales the terms'
+gradient to the text features (their values unchanged): the image tower does most of the moving. Under DDP the
 statistics use the features gathered from all ranks with gradients (``torch.distributed.nn.all_gather``,
 as ``ClipLoss(gather_with_grad=True)`` does), so the loss is the same whatever the world size.
 """
@@ -106,6 +107,9 @@ class CMALoss(torch.nn.Module):
     def alignment_terms(self, image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, torch.Tensor]:
         x = gather_with_grad(image_features, self.world_size).float()
         y = gather_with_grad(text_features, self.world_size).float()
+        if self.cfg.text_share < 1:
+            # the terms' values as they are, their gradient to the text tower scaled (0: stopped)
+            y = y.detach() + self.cfg.text_share * (y - y.detach()) if self.cfg.text_share else y.detach()
         mu_x, mu_y = x.mean(0), y.mean(0)
         centroid = ((mu_x - mu_y) ** 2).sum()
         xc, yc = x - mu_x, y - mu_y

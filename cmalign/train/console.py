@@ -63,6 +63,8 @@ def print_start(console, cfg, counts: dict, splits, guard, device, precision: st
     paper = alpha_in_paper_units(cfg.alpha_target, logit_scale, cfg.loss.scale_by_logit_scale)
     alpha = (f"α_target {cfg.alpha_target} (paper units {paper:.3g}: × logit scale {logit_scale:.3g})"
              if cfg.loss.scale_by_logit_scale and cfg.alpha_target else f"α_target {cfg.alpha_target}")
+    if cfg.alpha_target and cfg.loss.text_share < 1:
+        alpha += f", text tower's share of the alignment gradient {cfg.loss.text_share:g}"
     console.print(
         f"[bold]cmalign fit[/] {what}: model {cfg.model.name} "
         f"({counts['trainable'] / 1e6:.2f}M of {counts['total'] / 1e6:.2f}M parameters train, "
