@@ -26,6 +26,7 @@ import shutil
 import statistics
 from pathlib import Path
 
+from cmalign.artifacts.atomic import write_json
 from cmalign.sweep.run import SweepConfig, sweep
 
 NO_CURRICULUM = {"curriculum.warmup_fraction": 0.0, "curriculum.intro_fraction": 0.0,
@@ -86,6 +87,35 @@ def write_negative_domain(out: Path, seed: int, train_images: int = 3000, val_im
         write_json(marker, {"kind": "cmalign-synth-negative", "synth_seed": 1000 + seed,
                             "splits": {"train": train_images, "val": val_images}})
     return str(out / "train.csv"), str(out / "val.csv")
+
+
+UNCHANGED_KINDS = ("base", "posthoc")  # with α = 0: the rows a change to the alignment terms leaves alone
+
+
+def unchanged_rows(summary: dict) -> list[dict]:
+    """The rows of an earlier sweep that a change to the α > 0 recipe cannot move: α = 0 (the alignment terms are not
+    in its graph) and the base model with its post-hoc fixes."""
+    return [dict(r, reused_from=summary["created"]) for r in summary["rows"]
+            if r.get("kind") in UNCHANGED_KINDS or (r.get("kind") == "alpha" and r.get("alpha_target") == 0)]
+
+
+def merged(result, earlier: dict | None):
+    """``result`` (a sweep of the changed runs only) with ``earlier``'s unchanged rows, its R² over them all."""
+    if earlier is None:
+        return result
+    from types import SimpleNamespace
+
+    from cmalign.sweep.report import write_sweep_report
+    from cmalign.sweep.run import analyse
+
+    kept = unchanged_rows(earlier)
+    s = result.summary
+    rows = kept[:1] + s["rows"] + kept[1:]
+    summary = dict(s, rows=rows, **analyse(rows, s["settings"]["max_zeroshot_drop"], s["settings"]["select"]),
+                   compute_seconds=s["compute_seconds"] + sum(r.get("seconds", 0.0) for r in kept))
+    write_json(result.out / "sweep.json", summary)  # the sweep's own report, with the rows it was judged with
+    write_sweep_report(result.out, summary)
+    return SimpleNamespace(summary=summary, out=result.out)
 
 
 def by_name(result) -> dict:
@@ -166,6 +196,10 @@ def main() -> None:
     ap.add_argument("--default-from", default=None, metavar="JSON",
                     help="take the default-domain sweeps from this earlier paper_table.json instead of running them "
                          "(for a change that leaves the default recipe's training unchanged; the table says so)")
+    ap.add_argument("--unchanged-from", default=None, metavar="JSON",
+                    help="take the rows a change to the α > 0 recipe leaves alone (α = 0, the base model and its "
+                         "post-hoc fixes, on both domains) from this earlier paper_table.json, per seed, and run only "
+                         "the rest (the table says so)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     alphas = tuple(float(a) for a in args.alphas.split(","))
@@ -173,6 +207,19 @@ def main() -> None:
     ablation_seeds = seeds if args.ablation_seeds is None else [int(s) for s in args.ablation_seeds.split(",")]
     main_results, domain_results = [], []
     reused = json.loads(Path(args.default_from).read_text()) if args.default_from else None
+    earlier = json.loads(Path(args.unchanged_from).read_text()) if args.unchanged_from else None
+    if earlier and reused:
+        ap.error("--default-from and --unchanged-from exclude each other")
+
+    def earlier_sweep(part: str, seed: int) -> dict | None:
+        if earlier is None:
+            return None
+        found = [s for s in earlier[part] if s["settings"]["seed"] == seed]
+        if not found:
+            ap.error(f"{args.unchanged_from} has no {part} sweep of seed {seed}")
+        return found[0]
+
+    changed_alphas = tuple(a for a in alphas if not (earlier and a == 0))
     if reused:
         from types import SimpleNamespace
 
@@ -182,15 +229,17 @@ def main() -> None:
         if not reused:
             print(f"== seed {seed}: sweep of the default recipe")
             variants = {} if args.no_ablations or seed not in ablation_seeds else ABLATIONS
-            main_results.append(sweep(SweepConfig(alphas=alphas, out=str(out / f"seed-{seed}"), jobs=args.jobs,
-                                                  seed=seed, variants=variants), log=print))
+            result = sweep(SweepConfig(alphas=changed_alphas, out=str(out / f"seed-{seed}"), jobs=args.jobs,
+                                       seed=seed, variants=variants, baselines=earlier is None), log=print)
+            main_results.append(merged(result, earlier_sweep("default_domain", seed)))
         if not args.no_new_domain:
             print(f"== seed {seed}: {args.domain_steps} steps on the negative domain")
             train, val = write_negative_domain(out / f"negative-data-{seed}", seed)
-            domain_results.append(sweep(SweepConfig(alphas=(0.0, 0.5), out=str(out / f"new-domain-seed-{seed}"),
-                                                    data=train, val=val, steps=args.domain_steps, seed=seed,
-                                                    jobs=args.jobs, baselines=True, variants=DOMAIN_ABLATIONS),
-                                        log=print))
+            result = sweep(SweepConfig(alphas=(0.5,) if earlier else (0.0, 0.5),
+                                       out=str(out / f"new-domain-seed-{seed}"), data=train, val=val,
+                                       steps=args.domain_steps, seed=seed, jobs=args.jobs, baselines=earlier is None,
+                                       variants=DOMAIN_ABLATIONS), log=print)
+            domain_results.append(merged(result, earlier_sweep("new_domain", seed)))
     seed_rows = [by_name(r) for r in main_results]
     names = [f"a{a:g}" for a in alphas] + ([] if args.no_ablations else list(ABLATIONS)) + \
         ["base", "base+centring", "base+liang", "base+procrustes"]
@@ -246,7 +295,11 @@ def main() -> None:
         "", "Each cell: mean over seeds ± half-width of its 95 % t-interval (the run's seed count in its name). Made "
         f"by `.venv/bin/python benchmarks/paper_table.py --seeds {args.seeds} --alphas {args.alphas}"
         f"{' --ablation-seeds ' + args.ablation_seeds if args.ablation_seeds else ''}"
-        f"{' --default-from ' + args.default_from if args.default_from else ''}`.", "",
+        f"{' --default-from ' + args.default_from if args.default_from else ''}"
+        f"{' --unchanged-from ' + args.unchanged_from if args.unchanged_from else ''}`.", "",
+        *([f"The α = 0 rows, the base model and its post-hoc fixes (both domains) are the earlier run's "
+           f"({earlier['default_domain'][0]['created']}, `--unchanged-from`): at α = 0 the alignment terms are not in "
+           "the graph, so the change since cannot move them; every other row is new.", ""] if earlier else []),
         "## Default domain (300 steps from the cached base)", "",
         *([f"These rows are taken from the run of {s0['created']} (`--default-from {args.default_from}`): the change "
            "since leaves the default recipe's training unchanged.", ""] if reused else []),

@@ -316,24 +316,30 @@ def summarise(cfg: SweepConfig, specs: list[RunSpec], out: Path, done: list[dict
                    "eval_dir": str(out / "evals" / "base"), "metrics": flatten(system)}
             row["ci"] = row_intervals(row)
             rows.append(row)
+    return {
+        "kind": KIND, "cmalign_version": cmalign.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": asdict(cfg), **analyse(rows, cfg.max_zeroshot_drop, cfg.select), "rows": rows,
+        # what the whole sweep cost, from the artifacts' own timings (so a resumed sweep still counts it all)
+        "compute_seconds": round(sum(r.get("seconds", 0.0) for r in rows) + base_seconds, 1),
+        "jobs": done,
+    }
+
+
+def analyse(rows: list[dict], max_zeroshot_drop: float, select: str = "gap") -> dict:
+    """The summary's judgements over ``rows`` (each row gets its change against the reference): the reference
+    (α = 0, else the base), R² tables and the recommendation. Apart from `summarise` so that rows gathered from
+    several sweeps (benchmarks/paper_table.py) are judged alike."""
     measured = [r for r in rows if "metrics" in r]
     reference = next((r for r in measured if r["kind"] == "alpha" and r["alpha_target"] == 0), None) or \
         next((r for r in measured if r["kind"] == "base"), None)
     for r in measured:
         _relative(r, reference)
-    rec = recommend(measured, cfg.max_zeroshot_drop, cfg.select)
+    rec = recommend(measured, max_zeroshot_drop, select)
     if rec:
         rec["export_command"] = f"cmalign export {rec['run_dir']} --int8"
-    return {
-        "kind": KIND, "cmalign_version": cmalign.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "settings": asdict(cfg), "reference": reference["name"] if reference else None,
-        "rows": rows, "r2": r2_table(measured), "recommendation": rec,
-        # the α runs alone and runs + base + post-hoc fixes: the two populations can disagree (docs/method.md)
-        "r2_by_population": r2_by_population(measured),
-        # what the whole sweep cost, from the artifacts' own timings (so a resumed sweep still counts it all)
-        "compute_seconds": round(sum(r.get("seconds", 0.0) for r in rows) + base_seconds, 1),
-        "jobs": done,
-    }
+    return {"reference": reference["name"] if reference else None, "r2": r2_table(measured), "recommendation": rec,
+            # the α runs alone and runs + base + post-hoc fixes: the two populations can disagree (docs/method.md)
+            "r2_by_population": r2_by_population(measured)}
 
 
 def _relative(row: dict, ref: dict | None) -> None:
