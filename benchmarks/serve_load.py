@@ -107,7 +107,8 @@ def _load(port: int, body: bytes, requests: int, concurrency: int) -> dict:
     wall = time.perf_counter() - t0
     lat = sorted(x for p in parts for x in p[0])
     codes = [c for p in parts for c in p[1]]
-    return {"qps": len(lat) / wall, "p50_ms": 1000 * lat[len(lat) // 2], "mean_latency_ms": 1000 * sum(lat) / len(lat),
+    return {"qps": len(lat) / wall, "wall_s": wall, "p50_ms": 1000 * lat[len(lat) // 2],
+            "mean_latency_ms": 1000 * sum(lat) / len(lat),
             "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "non_200": sum(c != 200 for c in codes)}
 
 
@@ -124,7 +125,24 @@ def _server_seconds(port: int) -> dict:
                 out[key] = float(line.split()[-1])
         if line.startswith("cmalign_stage_seconds_sum{"):
             out[line.split('"')[1]] = float(line.split()[-1])
+        for name, key in (("cmalign_batch_size_sum", "batched_queries"), ("cmalign_batch_size_count", "batches")):
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                out[key] = out.get(key, 0.0) + float(line.split()[-1])
     return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its threads so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_split(server_s: float, client_s: float, wall: float, cores: int) -> dict:
+    """Where the machine's cores went during a load: the server, the client threads, and idle. The limit assumes
+    every core serves; the client's share is taken from it (it runs here only because there is no second
+    machine), so the service is also judged against the cores it was left."""
+    return {"server_cores": round(server_s / wall, 3), "client_cores": round(client_s / wall, 3),
+            "idle_cores": round(max(cores - (server_s + client_s) / wall, 0.0), 3)}
 
 
 def _breakdown(before: dict, after: dict, client_ms: float) -> dict:
@@ -178,6 +196,7 @@ def main() -> None:
     bodies = {"text": json.dumps({"text": "a large red circle in the center", "k": 10}).encode(),
               "image": json.dumps({"image": base64.b64encode(buf.getvalue()).decode(), "k": 10}).encode()}
     rows, limits = [], {}
+    cores = os.cpu_count() or 1
     for setup in args.setups.split(","):
         model, variant = setup.split(":")
         images = args.images if model == "tiny" else args.vit_images
@@ -192,10 +211,19 @@ def main() -> None:
                     _load(args.port, body, 20, 4)  # warm-up
                     for c in (int(x) for x in args.concurrency.split(",")):
                         seen = _server_seconds(args.port)
+                        server0, client0 = _cpu_seconds(proc.pid), time.process_time()
                         r = _load(args.port, body, requests, c)
-                        r["mean_ms"] = _breakdown(seen, _server_seconds(args.port), r.pop("mean_latency_ms"))
+                        cpu = _cpu_split(_cpu_seconds(proc.pid) - server0, time.process_time() - client0,
+                                         r.pop("wall_s"), cores)
+                        after = _server_seconds(args.port)
+                        r["mean_ms"] = _breakdown(seen, after, r.pop("mean_latency_ms"))
+                        batches = after.get("batches", 0) - seen.get("batches", 0)
                         r.update(model=model, variant=variant, kind=kind, concurrency=c, batching=batching,
-                                 share_of_limit=r["qps"] / limit[f"{kind}_limit_qps"])
+                                 share_of_limit=r["qps"] / limit[f"{kind}_limit_qps"], cpu=cpu,
+                                 mean_batch=(after.get("batched_queries", 0) - seen.get("batched_queries", 0))
+                                 / batches if batches else None,
+                                 share_of_limit_on_server_cores=r["qps"] / (limit[f"{kind}_limit_qps"]
+                                                                           * (cores - cpu["client_cores"]) / cores))
                         r["p99_over_p50"] = r["p99_ms"] / r["p50_ms"]
                         rows.append(r)
                         print(f"{setup:14s} {kind:5s} c={c:2d} batching {batching:3s}: {r['qps']:7.1f} q/s "
@@ -203,13 +231,21 @@ def main() -> None:
                               f"p99 {r['p99_ms']:7.1f} ms, non-200 {r['non_200']}; per request: in the app "
                               f"{r['mean_ms']['app']:.2f} ms (encode {r['mean_ms']['encode']:.2f}, search "
                               f"{r['mean_ms']['search']:.2f}), outside "
-                              f"{r['mean_ms']['outside_app (HTTP, JSON, client)']:.2f} ms", flush=True)
+                              f"{r['mean_ms']['outside_app (HTTP, JSON, client)']:.2f} ms; cores: server "
+                              f"{cpu['server_cores']:.2f}, client {cpu['client_cores']:.2f}, idle "
+                              f"{cpu['idle_cores']:.2f} ({100 * r['share_of_limit_on_server_cores']:5.1f} % of the "
+                              f"limit on the cores the client left); mean batch "
+                              f"{r['mean_batch'] if r['mean_batch'] is None else round(r['mean_batch'], 1)}",
+                              flush=True)
             finally:
                 proc.terminate()
                 proc.wait(30)
     result = {"benchmark": "serve_load", "command": " ".join(sys.argv),
               "machine": f"{os.cpu_count()} CPU cores, {platform.platform()}", "limits": limits, "rows": rows,
-              "date": time.strftime("%Y-%m-%d"), "note": "client threads share the server's cores"}
+              "date": time.strftime("%Y-%m-%d"),
+              "note": "client threads share the server's cores: cpu gives each row's split (cores busy in the server, "
+                      "in the client, idle) and share_of_limit_on_server_cores judges the service against the cores "
+                      "the client left it"}
     Path(args.result).write_text(json.dumps(result, indent=2))
     print(json.dumps(limits, indent=2))
 

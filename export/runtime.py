@@ -92,6 +92,12 @@ def preload_cuda_libraries(ort) -> None:
         pass
 
 
+# onnxruntime's intra-op threads spin between runs by default: right for a process that only runs the model, wrong
+# where other threads share the cores (embed's decoders and tokenizer, serve's event loop parsing HTTP and JSON):
+# the spinning burns the CPU those need (benchmarks/embed_bound.py, benchmarks/serve_load.py measure it).
+NO_SPINNING = {"session.intra_op.allow_spinning": "0"}
+
+
 def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None, optimization: str = "all",
                  config: dict[str, str] | None = None):
     """An InferenceSession with graph optimisation; fails loudly if CUDA was asked for and not used.

@@ -243,6 +243,13 @@ def test_health_ready_metrics_and_page(client):
     assert client.get("/static/app.js").status_code == 200
 
 
+def test_the_served_sessions_do_not_spin_between_batches(client):
+    """Spinning intra-op threads take the cores the event loop needs (benchmarks/serve_load.py measures it)."""
+    model = client.app.state.engine.indexes["val"].model
+    for session in model._sessions.values():
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 # -- micro-batching and overload ------------------------------------------------------------------------------------
 def test_micro_batcher_batches_concurrent_items_and_refuses_when_full():
     release = threading.Event()

@@ -42,12 +42,10 @@ from cmalign.data.options import ReaderOptions
 from cmalign.data.records import BadSample, Record
 from cmalign.errors import ConfigError, OutputExistsError
 from cmalign.export.prefetch import prefetch_map
-from cmalign.export.runtime import ExportedModel
+from cmalign.export.runtime import NO_SPINNING, ExportedModel
 
 GENERATED_PREFIX = "generated:"
-# onnxruntime's intra-op threads spin between runs by default; here they share the cores with the decoding
-# threads and the tokenizer, so spinning burns the CPU those need (benchmarks/embed_bound.py measures both).
-SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+SESSION_CONFIG = NO_SPINNING  # the decoding threads and the tokenizer share the cores with inference
 
 
 @dataclass

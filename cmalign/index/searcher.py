@@ -38,7 +38,7 @@ class Searcher:
     """A joint index and the export that encodes its queries, checked to belong together."""
 
     def __init__(self, index_dir: str | Path, export: str | Path | None = None, provider: str = "cpu",
-                 gpu: bool = False, threads: int | None = None):
+                 gpu: bool = False, threads: int | None = None, session_config: dict[str, str] | None = None):
         self.index = JointIndex(index_dir, gpu=gpu, threads=threads)
         recorded = self.index.manifest["export"]
         export = Path(export or recorded["path"] or "")
@@ -47,7 +47,7 @@ class Searcher:
                 f"the export that built {index_dir} is not at {export} (recorded in "
                 f"{self.index.path / MANIFEST}); pass its new location with --export")
         self.model = ExportedModel(export, provider=provider, variant=recorded.get("variant") or "fp32",
-                                   threads=threads)
+                                   threads=threads, session_config=session_config)
         if self.model.fingerprint != self.index.fingerprint:
             raise ExportMismatchError(
                 f"export {export} (fingerprint {self.model.fingerprint}) is not the one that embedded the corpus of "

@@ -32,11 +32,13 @@ class UnknownIndex(KeyError):
 
 class ServedIndex:
     def __init__(self, entry: IndexEntry, cfg: ServeConfig, metrics: ServiceMetrics, arrivals: Arrivals | None = None):
+        from cmalign.export.runtime import NO_SPINNING
         from cmalign.index.searcher import Searcher
 
         self.name, self.metrics = entry.name, metrics
+        # the event loop (HTTP, JSON, decoding) shares the cores with inference: no spinning between batches
         searcher = Searcher(entry.path, export=entry.export, provider=cfg.provider, gpu=cfg.gpu,
-                            threads=cfg.threads)
+                            threads=cfg.threads, session_config=NO_SPINNING)
         self.index, self.model = searcher.index, searcher.model
         self.dim = self.index.dim
         self.batcher = MicroBatcher(self._run_batch, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.queue_size,
