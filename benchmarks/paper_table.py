@@ -110,7 +110,7 @@ def merged(result, earlier: dict | None):
 
     kept = unchanged_rows(earlier)
     s = result.summary
-    rows = kept[:1] + s["rows"] + kept[1:]
+    rows = [r for r in kept if r["kind"] == "alpha"] + s["rows"] + [r for r in kept if r["kind"] != "alpha"]
     summary = dict(s, rows=rows, **analyse(rows, s["settings"]["max_zeroshot_drop"], s["settings"]["select"]),
                    compute_seconds=s["compute_seconds"] + sum(r.get("seconds", 0.0) for r in kept))
     write_json(result.out / "sweep.json", summary)  # the sweep's own report, with the rows it was judged with
