@@ -40,7 +40,7 @@ import cmalign.corpus.embed as embed_module
 from cmalign.corpus.embed import EmbedConfig, embed_dataset
 from cmalign.corpus.store import save_array, save_metadata
 from cmalign.data.synth import make_scene
-from cmalign.export.runtime import ExportedModel
+from cmalign.export.runtime import NO_SPINNING, ExportedModel
 
 CAPTIONS = 5
 VENV_BIN = Path(sys.executable).parent
@@ -117,7 +117,7 @@ def stage_costs(export: Path, files: list[str], captions: list[str], batch: int)
 
 
 def achieved(export: Path, data: Path, out: Path, batch: int, spinning: bool) -> dict:
-    embed_module.SESSION_CONFIG = {} if spinning else {"session.intra_op.allow_spinning": "0"}
+    embed_module.SESSION_CONFIG = {} if spinning else NO_SPINNING
     t_cpu, t_wall = os.times(), time.perf_counter()
     r = embed_dataset(EmbedConfig(export=str(export), data=str(data), out=str(out), batch_size=batch, overwrite=True))
     cpu = sum(os.times()[:2]) - sum(t_cpu[:2])
