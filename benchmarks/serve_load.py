@@ -132,9 +132,13 @@ def _server_seconds(port: int) -> dict:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and all its threads so far (Linux /proc)."""
+    """User + system CPU seconds so far of a process, its threads and its live child processes (`--workers`)
+    (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = {int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()}
+    return own + sum(_cpu_seconds(c) for c in children if Path(f"/proc/{c}").exists())
 
 
 def _cpu_split(server_s: float, client_s: float, wall: float, cores: int) -> dict:
@@ -156,9 +160,9 @@ def _breakdown(before: dict, after: dict, client_ms: float) -> dict:
     return {k: round(v, 3) for k, v in ms.items()}
 
 
-def _serve(idx: Path, port: int, max_batch: int):
-    proc = subprocess.Popen([CMALIGN, "serve", str(idx), "--port", str(port), "--max-batch", str(max_batch), "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _serve(idx: Path, port: int, max_batch: int, workers: int):
+    proc = subprocess.Popen([CMALIGN, "serve", str(idx), "--port", str(port), "--max-batch", str(max_batch), "-q",
+                             "--workers", str(workers)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(300):
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
@@ -186,6 +190,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=17000,
                     help="generated scenes in the tiny model's corpus (x6 vectors: 17000 -> 102,000)")
     ap.add_argument("--vit-images", type=int, default=17000, help="scenes in ViT-B-32's corpus (x6 vectors)")
+    ap.add_argument("--workers", default="1,2", help="server processes (serve --workers); batching off is measured "
+                    "with the first only")
     ap.add_argument("--port", type=int, default=18765)
     ap.add_argument("--result", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = ap.parse_args()
@@ -204,8 +210,10 @@ def main() -> None:
         limit = limits[setup] = _limit(idx, 32)
         limit["index_vectors"] = _index_vectors(idx)
         requests = args.requests if model == "tiny" else max(32, args.requests // 3)
-        for batching, max_batch in (("on", 32), ("off", 1)):
-            proc = _serve(idx, args.port, max_batch)
+        worker_counts = [int(w) for w in args.workers.split(",")]
+        runs = [(w, "on", 32) for w in worker_counts] + [(worker_counts[0], "off", 1)]
+        for workers, batching, max_batch in runs:
+            proc = _serve(idx, args.port, max_batch, workers)
             try:
                 for kind, body in bodies.items():
                     _load(args.port, body, 20, 4)  # warm-up
@@ -219,6 +227,7 @@ def main() -> None:
                         r["mean_ms"] = _breakdown(seen, after, r.pop("mean_latency_ms"))
                         batches = after.get("batches", 0) - seen.get("batches", 0)
                         r.update(model=model, variant=variant, kind=kind, concurrency=c, batching=batching,
+                                 workers=workers,
                                  share_of_limit=r["qps"] / limit[f"{kind}_limit_qps"], cpu=cpu,
                                  mean_batch=(after.get("batched_queries", 0) - seen.get("batched_queries", 0))
                                  / batches if batches else None,
@@ -226,7 +235,8 @@ def main() -> None:
                                                                            * (cores - cpu["client_cores"]) / cores))
                         r["p99_over_p50"] = r["p99_ms"] / r["p50_ms"]
                         rows.append(r)
-                        print(f"{setup:14s} {kind:5s} c={c:2d} batching {batching:3s}: {r['qps']:7.1f} q/s "
+                        print(f"{setup:14s} {kind:5s} c={c:2d} workers {workers} batching {batching:3s}: "
+                              f"{r['qps']:7.1f} q/s "
                               f"({100 * r['share_of_limit']:5.1f} % of the limit), p50 {r['p50_ms']:7.1f} ms, "
                               f"p99 {r['p99_ms']:7.1f} ms, non-200 {r['non_200']}; per request: in the app "
                               f"{r['mean_ms']['app']:.2f} ms (encode {r['mean_ms']['encode']:.2f}, search "

@@ -33,7 +33,11 @@ def serve_command(
     max_wait_ms: Annotated[float | None, typer.Option(help="Longest a query waits for others [default: 5].")] = None,
     queue_size: Annotated[int | None, typer.Option(help="Waiting queries before 503 [default: 256].")] = None,
     max_k: Annotated[int | None, typer.Option(help="Largest k (num_images) served [default: 1000].")] = None,
-    threads: Annotated[int | None, typer.Option(help="onnxruntime/faiss threads (default: theirs).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Processes answering on the port, each with its own copy of "
+                                                "the indexes: past one core of Python, for small models "
+                                                "[default: 1].")] = None,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime/faiss threads (default: theirs; with --workers, "
+                                                "cores / workers each).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No access log.")] = False,
 ):
     from cmalign.serve.config import load_serve_config
@@ -41,6 +45,6 @@ def serve_command(
 
     cfg = load_serve_config(indexes, config, host=host, port=port, provider=provider, gpu=gpu,
                             allow_url_fetch=allow_url_fetch, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                            queue_size=queue_size, max_k=max_k, threads=threads,
+                            queue_size=queue_size, max_k=max_k, workers=workers, threads=threads,
                             log_requests=False if quiet else None)
     serve(cfg, log=lambda m: typer.echo(m, err=True))

@@ -10,9 +10,11 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -464,6 +466,32 @@ def test_a_full_queue_answers_503_with_retry_after(aligned_index):
     # SIGTERM: a graceful stop (uvicorn finishes, then re-raises the signal it caught: exit status −15)
     assert code in (0, -signal.SIGTERM), out
     assert "Application shutdown complete" in out and "Finished server process" in out
+
+
+def test_several_workers_share_the_port_and_report_summed_metrics(aligned_index):
+    """--workers 2: both processes answer queries on one port, every /metrics scrape (whichever worker answers it)
+    counts all of them, and SIGTERM stops the workers and removes their metrics files."""
+    metrics_dirs = set(Path(tempfile.gettempdir()).glob("cmalign-serve-metrics-*"))
+    s = Server(str(aligned_index["index"]), "--workers", "2")
+    assert len(set(Path(tempfile.gettempdir()).glob("cmalign-serve-metrics-*")) - metrics_dirs) == 1
+    try:
+        body = json.dumps({"text": "a small green triangle", "k": 5}).encode()
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(lambda _: s.request("POST", "/v1/search", body,
+                                                         {"Content-Type": "application/json"})[0], range(240)))
+        assert statuses == [200] * 240
+        for _ in range(6):  # scrapes land on either worker
+            metrics = s.request("GET", "/metrics")[1].decode()
+            value = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines() if line[:1] != "#"}
+            assert value['cmalign_requests_total{endpoint="/v1/search",status="200"}'] == 240
+            assert value["cmalign_batch_size_sum"] == 240
+    finally:
+        code, out = s.stop()
+    assert code in (0, -signal.SIGTERM), out
+    pids = {json.loads(line)["pid"] for line in out.splitlines() if line.startswith('{"method": "POST"')}
+    assert len(pids) == 2, out[-3000:]
+    assert "with 2 worker processes" in out and "Stopping parent process" in out
+    assert set(Path(tempfile.gettempdir()).glob("cmalign-serve-metrics-*")) == metrics_dirs
 
 
 def test_serve_refuses_a_missing_index_and_duplicate_names_with_one_line(tmp_path, aligned_index):

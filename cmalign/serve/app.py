@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -92,7 +93,8 @@ class Observe:
             if self.log_requests:
                 client = scope.get("client")
                 access_log.info(json.dumps({"method": scope["method"], "path": scope["path"], "status": status,
-                                            "ms": round(1000 * seconds, 2), "client": client[0] if client else None}))
+                                            "ms": round(1000 * seconds, 2), "client": client[0] if client else None,
+                                            "pid": os.getpid()}))  # which worker (serve --workers)
 
 
 # -- the typed API's models ---------------------------------------------------------------------------------
@@ -139,6 +141,7 @@ def create_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
             await run_in_threadpool(engine.load, log.info)
         yield
         engine.close()  # graceful: queued queries are answered before the workers stop
+        engine.metrics.worker_stopped()
 
     app = FastAPI(title="cmalign search", version=cmalign.__version__, lifespan=lifespan,
                   description="Mixed-modality search over joint image+text indexes aligned with TPC-CMA.")

@@ -38,7 +38,10 @@ class ServeConfig:
     port: int = 1234  # clip back's default port
     provider: str = "cpu"  # onnxruntime provider: cpu | cuda
     gpu: bool = False  # faiss GPU copy of each index
-    threads: int | None = None  # onnxruntime / faiss threads (None: their defaults)
+    threads: int | None = None  # onnxruntime / faiss threads (None: their defaults; with workers, cores / workers)
+    # Processes that serve the same port, each with its own copy of every index: past one core of Python (HTTP,
+    # validation, JSON run under one GIL a process), a small model's service needs more processes, not threads.
+    workers: int = 1
     # Micro-batching: concurrent queries wait at most max_wait_ms for each other, then run as one onnxruntime
     # call and one faiss search per modality; a full queue answers 503 with Retry-After instead of growing.
     max_batch: int = 32
@@ -65,7 +68,7 @@ class ServeConfig:
                 raise ConfigError(f"index name {e.name!r} must be non-empty and contain no '/'")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
-        for name in ("max_batch", "queue_size", "max_body_bytes", "max_pixels", "max_text_chars", "max_k"):
+        for name in ("workers", "max_batch", "queue_size", "max_body_bytes", "max_pixels", "max_text_chars", "max_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")

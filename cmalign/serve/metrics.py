@@ -1,8 +1,14 @@
 """Prometheus metrics of one service: requests by endpoint and status, latency per stage (decode, encode, search,
 metadata), micro-batch sizes and waits, queue depth, overload refusals. One registry per service, so two apps in
-one process (tests) do not share counters."""
+one process (tests) do not share counters.
+
+With several worker processes (``serve --workers N``) a scrape reaches one worker at random, so each worker writes
+its values to prometheus_client's multiprocess files and every scrape sums all workers' (its multiprocess mode;
+the directory is made by :func:`cmalign.serve.run.serve` and named by ``PROMETHEUS_MULTIPROC_DIR``)."""
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -25,7 +31,8 @@ class ServiceMetrics:
         self.batch_wait = Histogram("cmalign_batch_wait_seconds", "How long a batch's first query waited",
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.overloaded = Counter("cmalign_overloaded", "Queries refused with 503 (queue full)", registry=r)
-        self.queue_depth = Gauge("cmalign_queue_depth", "Queries waiting for a micro-batch", registry=r)
+        self.queue_depth = Gauge("cmalign_queue_depth", "Queries waiting for a micro-batch", registry=r,
+                                 multiprocess_mode="livesum")  # all live workers' queues
         for stage in STAGES:  # present from the start, at 0
             self.stage_seconds.labels(stage)
 
@@ -37,4 +44,20 @@ class ServiceMetrics:
         self.batch_wait.observe(waited)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not shared:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        every_worker = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_worker, path=shared)
+        return generate_latest(every_worker)
+
+    @staticmethod
+    def worker_stopped() -> None:
+        """A stopped worker's queue no longer counts (its counters and histograms still do)."""
+        shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if shared:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid(), shared)
