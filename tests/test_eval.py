@@ -168,13 +168,14 @@ def test_eval_is_deterministic_with_a_seed(alignment_runs, tmp_path):
             assert sys_a["model"]["caption"][key] == sys_b["model"]["caption"][key]
 
 
-def test_alignment_shows_in_every_task_against_plain_fine_tuning(alignment_runs, tmp_path):
+def test_alignment_shrinks_every_gap_measure_against_plain_fine_tuning(alignment_runs, tmp_path):
     """α = 0.5 against its α = 0 baseline on the default data (short runs): every gap measure is smaller.
     Whether ARI and CIDEr-D rise is not a property of a 120-step run (measured here: ARI 0.241 vs 0.241,
-    CIDEr-D 1.26 vs 1.44); the 300-step figures over 3 seeds are in benchmarks/results/paper_table.md."""
+    CIDEr-D 1.26 vs 1.44), so those tasks are not run here (they run in the tests above and in test_examples);
+    the 300-step figures over 3 seeds are in benchmarks/results/paper_table.md."""
     out = tmp_path / "q"
     cfg = EvalConfig(source=str(alignment_runs[0.5].run_dir), baseline=str(alignment_runs[0.0].run_dir),
-                     tasks=("gap", "clustering", "caption"), fit_images=500, figures=False, out=str(out))
+                     tasks=("gap",), figures=False, out=str(out))
     m = evaluate(cfg).metrics
     aligned, plain = m["systems"]["model"], m["systems"]["baseline"]
     for measure in ("raw", "centroid", "mmd2", "paired_residual", "rmg"):
