@@ -513,6 +513,25 @@ def test_serve_refuses_a_missing_index_and_duplicate_names_with_one_line(tmp_pat
         load_serve_config(None, str(cfg_file))
 
 
+def test_workers_get_the_whole_config_and_share_the_cores(tmp_path, monkeypatch):
+    """What a spawned worker rebuilds from the environment is the config the parent was given, and unless told
+    otherwise each of N workers takes cores / N threads; workers below 1 are refused naming the setting."""
+    from cmalign.errors import ConfigError
+    from cmalign.serve.workers import CONFIG_ENV, config_from_env, config_to_env, threads_per_worker
+
+    cfg_file = tmp_path / "serve.toml"
+    cfg_file.write_text('workers = 3\nmax_k = 77\n[indexes.a]\npath = "idx/a"\nexport = "ex/a"\n')
+    cfg = load_serve_config(["idx/b"], str(cfg_file), max_batch=8)
+    monkeypatch.setenv(CONFIG_ENV, config_to_env(cfg))
+    assert config_from_env() == cfg and cfg.workers == 3 and cfg.indexes[0].export == str(tmp_path / "ex/a")
+    cores = len(os.sched_getaffinity(0))
+    assert threads_per_worker(cfg) == max(1, cores // 3)
+    assert threads_per_worker(ServeConfig(workers=1)) is None  # one worker: onnxruntime's and faiss's defaults
+    assert threads_per_worker(ServeConfig(workers=2, threads=5)) == 5
+    with pytest.raises(ConfigError, match="workers must be a whole number >= 1"):
+        load_serve_config(["idx/b"], workers=0)
+
+
 def test_serve_runs_without_torch(aligned_index, tmp_path):
     (tmp_path / "sitecustomize.py").write_text('import sys\nfor m in ("torch", "torchvision", "open_clip", "sklearn", '
                                                '"matplotlib"):\n    sys.modules[m] = None\n')
