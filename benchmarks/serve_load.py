@@ -85,6 +85,16 @@ def _limit(idx: Path, batch: int, reps: int = 20) -> dict:
     return out
 
 
+def query_bodies() -> dict[str, bytes]:
+    """The /v1/search bodies every row sends: a text query, and an image query (a scene of the generated corpus)."""
+    from cmalign.data.synth import image_for_key
+
+    buf = io.BytesIO()
+    image_for_key("synth/0/val/000007").save(buf, format="PNG")
+    return {"text": json.dumps({"text": "a large red circle in the center", "k": 10}).encode(),
+            "image": json.dumps({"image": base64.b64encode(buf.getvalue()).decode(), "k": 10}).encode()}
+
+
 def _load(port: int, body: bytes, requests: int, concurrency: int) -> dict:
     def worker(n):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -195,12 +205,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=18765)
     ap.add_argument("--result", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = ap.parse_args()
-    from cmalign.data.synth import image_for_key
-
-    buf = io.BytesIO()
-    image_for_key("synth/0/val/000007").save(buf, format="PNG")
-    bodies = {"text": json.dumps({"text": "a large red circle in the center", "k": 10}).encode(),
-              "image": json.dumps({"image": base64.b64encode(buf.getvalue()).decode(), "k": 10}).encode()}
+    bodies = query_bodies()
     rows, limits = [], {}
     cores = os.cpu_count() or 1
     for setup in args.setups.split(","):

@@ -10,9 +10,6 @@ The index is one serve_load.py prepared (its --work directory). Prints the table
 from __future__ import annotations
 
 import argparse
-import base64
-import io
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -28,12 +25,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=600, help="per row and start")
     ap.add_argument("--port", type=int, default=18900)
     args = ap.parse_args()
-    from cmalign.data.synth import image_for_key
-
-    buf = io.BytesIO()
-    image_for_key("synth/0/val/000007").save(buf, format="PNG")
-    bodies = {"text": json.dumps({"text": "a large red circle in the center", "k": 10}).encode(),
-              "image": json.dumps({"image": base64.b64encode(buf.getvalue()).decode(), "k": 10}).encode()}
+    bodies = serve_load.query_bodies()
     qps = {(w, k, c): [] for w in (1, 2) for k in bodies for c in (8, 32)}
     port = args.port
     for p in range(args.pairs):

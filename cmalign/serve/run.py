@@ -29,7 +29,7 @@ def serve(cfg: ServeConfig, log=print, ready=None) -> None:
     if cfg.workers > 1:
         engine.close()  # it proved every index loads; each worker loads its own copy
         del engine
-        _serve_workers(cfg, options, log, f"serving {names} on {url} with {cfg.workers} worker processes", ready)
+        _serve_workers(cfg, options, log, names, url, ready)
         return
     configure_logging(cfg)
     server = uvicorn.Server(uvicorn.Config(create_app(cfg, engine), **options))
@@ -39,7 +39,7 @@ def serve(cfg: ServeConfig, log=print, ready=None) -> None:
     server.run()
 
 
-def _serve_workers(cfg: ServeConfig, options: dict, log, started: str, ready) -> None:
+def _serve_workers(cfg: ServeConfig, options: dict, log, names: str, url: str, ready) -> None:
     import uvicorn
 
     from cmalign.serve.workers import APP, CONFIG_ENV, config_to_env, threads_per_worker
@@ -51,9 +51,9 @@ def _serve_workers(cfg: ServeConfig, options: dict, log, started: str, ready) ->
     saved = {k: os.environ.get(k) for k in (CONFIG_ENV, "PROMETHEUS_MULTIPROC_DIR")}
     os.environ.update({CONFIG_ENV: config_to_env(worker_cfg), "PROMETHEUS_MULTIPROC_DIR": metrics_dir})
     try:
-        url = f"http://{cfg.host}:{cfg.port}/"
-        log(f"{started} ({worker_cfg.threads} onnxruntime/faiss thread(s) each, every worker holds its own copy of "
-            f"the indexes; API: {url}docs, metrics summed over workers: {url}metrics; Ctrl-C stops)")
+        log(f"serving {names} on {url} with {cfg.workers} worker processes ({worker_cfg.threads} onnxruntime/faiss "
+            f"thread(s) each, every worker holds its own copy of the indexes; API: {url}docs, metrics summed over "
+            f"workers: {url}metrics; Ctrl-C stops)")
         if ready:
             ready(url)
         _run_supervisor(uvicorn.Config(APP, factory=True, workers=cfg.workers, **options))
