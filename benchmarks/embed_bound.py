@@ -1,6 +1,7 @@
 """`cmalign embed` against the bound its own stages allow on this machine's cores.
 
     .venv/bin/python benchmarks/embed_bound.py [--work runs/bench-embed-bound] [--repeats 3] [--models tiny,ViT-B-32]
+        [--tiny-images 1024,8192]
 
 For each model (the embedded tiny base; ViT-B-32 with random weights) and each image format (the generated PNGs at
 64 px; the same scenes as 512 px JPEGs, photo-sized), N images with 5 captions each are written as files and a CSV.
@@ -15,6 +16,11 @@ For each model (the embedded tiny base; ViT-B-32 with random weights) and each i
   images/s over the embedding phase and its CPU utilisation (process CPU time / (wall × C)): what is left is idle
   time in the pipeline, not work. Twice, interleaved: with onnxruntime's threads not spinning between runs (the
   default since this benchmark) and spinning (onnxruntime's own default).
+* **Phases**: where the achieved run's time went: the image phase (decode threads beside inference) and the text
+  phase (one tokenising thread beside inference) run one after the other, each with its wall and CPU seconds, then
+  the write. CPU above the stages' sum is what running them together costs; wall × C above CPU is idle cores.
+  The tiny model runs at two corpus sizes: at 1024 images a run lasts about a second and the fixed costs (first
+  runs of each batch shape, thread start-up, the write) weigh; 8192 is closer to its steady state.
 
 Medians over the repeats. Results: benchmarks/results/embed_bound.json.
 """
@@ -116,15 +122,44 @@ def stage_costs(export: Path, files: list[str], captions: list[str], batch: int)
     return {k: v / n for k, v in costs.items()}
 
 
+PHASES = {"_embed_images": "images", "_embed_texts": "texts", "write_shard": "write"}
+
+
+def _timed_phases(times: dict) -> dict:
+    """Wrap embed's phase functions so that each call records (wall, process CPU) seconds into ``times``."""
+    originals = {name: getattr(embed_module, name) for name in PHASES}
+
+    def wrap(name, fn):
+        def timed(*args, **kwargs):
+            t, c = time.perf_counter(), time.process_time()
+            result = fn(*args, **kwargs)
+            times[PHASES[name]] = (time.perf_counter() - t, time.process_time() - c)
+            return result
+        return timed
+
+    for name, fn in originals.items():
+        setattr(embed_module, name, wrap(name, fn))
+    return originals
+
+
 def achieved(export: Path, data: Path, out: Path, batch: int, spinning: bool) -> dict:
     embed_module.SESSION_CONFIG = {} if spinning else NO_SPINNING
-    t_cpu, t_wall = os.times(), time.perf_counter()
-    r = embed_dataset(EmbedConfig(export=str(export), data=str(data), out=str(out), batch_size=batch, overwrite=True))
-    cpu = sum(os.times()[:2]) - sum(t_cpu[:2])
-    wall = time.perf_counter() - t_wall
+    times: dict = {}
+    originals = _timed_phases(times)
+    try:
+        t_cpu, t_wall = os.times(), time.perf_counter()
+        r = embed_dataset(EmbedConfig(export=str(export), data=str(data), out=str(out), batch_size=batch,
+                                      overwrite=True))
+        cpu = sum(os.times()[:2]) - sum(t_cpu[:2])
+        wall = time.perf_counter() - t_wall
+    finally:
+        for name, fn in originals.items():
+            setattr(embed_module, name, fn)
     phase = r.seconds - r.setup_seconds
+    per_image = {f"{k}_{what}_ms_per_image": v[i] / r.images * 1e3
+                 for k, v in times.items() for i, what in enumerate(("wall", "cpu"))}
     return {"images_per_s": r.images / phase, "cpu_utilisation": cpu / (wall * (os.cpu_count() or 1)),
-            "phase_s": phase}
+            "phase_s": phase, **per_image}
 
 
 def main() -> None:
@@ -132,6 +167,7 @@ def main() -> None:
     ap.add_argument("--work", default="runs/bench-embed-bound")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", default="tiny,ViT-B-32")
+    ap.add_argument("--tiny-images", default="1024,8192", help="corpus sizes for the tiny model (ViT-B-32: 96)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -140,8 +176,8 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d"), "setups": {}}
     for name in args.models.split(","):
         export = _export(work, name)
-        n, batch = (1024, 64) if name == "tiny" else (96, 32)
-        for fmt in ("png", "jpeg"):
+        sizes, batch = ([int(x) for x in args.tiny_images.split(",")], 64) if name == "tiny" else ([96], 32)
+        for n, fmt in ((n, fmt) for n in sizes for fmt in ("png", "jpeg")):
             data, files, captions = _data(work, fmt, n)
             costs, runs = [], {"no spinning (default)": [], "spinning (onnxruntime's default)": []}
             for _ in range(args.repeats):  # interleaved: the stage profile and the pipeline see the same noise
@@ -153,18 +189,21 @@ def main() -> None:
             bound = cores / sum(cost.values())
             setup = {"images": n, "captions_per_image": CAPTIONS, "stage_cpu_ms_per_image":
                      {k: round(v * 1e3, 3) for k, v in cost.items()}, "bound_images_per_s": round(bound, 1)}
-            print(f"{name:9s} {fmt:4s} stages (CPU ms/image): " +
+            print(f"{name:9s} {fmt:4s} {n:5d} images, stages (CPU ms/image): " +
                   ", ".join(f"{k} {v:.2f}" for k, v in setup["stage_cpu_ms_per_image"].items()) +
                   f"; bound {bound:.0f} images/s on {cores} cores", flush=True)
             for variant, rs in runs.items():
                 got = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
                 setup[variant] = {"achieved_images_per_s": round(got["images_per_s"], 1),
                                   "share_of_bound": round(got["images_per_s"] / bound, 3),
-                                  "cpu_utilisation": round(got["cpu_utilisation"], 3)}
+                                  "cpu_utilisation": round(got["cpu_utilisation"], 3),
+                                  "phases": {k: round(v, 4) for k, v in got.items() if k.endswith("per_image")}}
+                phases = ", ".join(f"{p} {got[p + '_wall_ms_per_image']:.2f} wall / {got[p + '_cpu_ms_per_image']:.2f}"
+                                   f" CPU" for p in PHASES.values())
                 print(f"    {variant:34s} achieved {got['images_per_s']:.0f} images/s "
-                      f"({got['images_per_s'] / bound:.2f} of the bound), CPU {got['cpu_utilisation']:.0%} busy",
-                      flush=True)
-            report["setups"][f"{name} {fmt}"] = setup
+                      f"({got['images_per_s'] / bound:.2f} of the bound), CPU {got['cpu_utilisation']:.0%} busy; "
+                      f"ms/image: {phases}", flush=True)
+            report["setups"][f"{name} {fmt}" + (f" {n}" if name == "tiny" else "")] = setup
     out = Path(__file__).parent / "results" / "embed_bound.json"
     out.write_text(json.dumps(report, indent=1))
     print(f"results: {out}")
