@@ -65,7 +65,7 @@ def qps(index, queries: np.ndarray, k: int = 10, repeats: int = 3) -> tuple[floa
     return len(queries) / float(np.median(times)), found
 
 
-def run_size(n: int, d: int, seed: int, factories: list[str], budget: int) -> dict:
+def run_size(n: int, d: int, seed: int, factories: list[str], budget: int, target: float = 0.95) -> dict:
     rng = np.random.default_rng(seed)
     t0 = time.time()
     data = clustered(n + 1000, d, rng)
@@ -88,7 +88,7 @@ def run_size(n: int, d: int, seed: int, factories: list[str], budget: int) -> di
             ivf_train = min(n, 64 * nlist if "IVF" in factory else n)
             index.train(corpus[rng.choice(n, size=max(ivf_train, 39 * nlist), replace=False)])
         train_s = time.time() - t0
-        index, order, tuning = fill_and_tune(index, vectors, probe, 0.95)  # as `cmalign index` does
+        index, order, tuning = fill_and_tune(index, vectors, probe, target)  # as `cmalign index` does
         build_s = time.time() - t0
         tune_s = sum(r["ms_per_query"] for r in tuning.tried) * len(probe.queries) / 1000
         speed, found = qps(index, queries)
@@ -97,6 +97,7 @@ def run_size(n: int, d: int, seed: int, factories: list[str], budget: int) -> di
                "build_note": "build_s includes training and tuning",
                "tune_s": round(tune_s, 1), "params": get_search_params(index), "qps": round(speed, 1),
                "recall_at_10": round(recall, 4), "tuning_recall_corpus_queries": round(tuning.recall, 4),
+               "tuning_recall_lower_95": round(tuning.recall_low, 4),
                "memory_estimate_mb": None}
         row["memory_estimate_mb"] = round(estimate_bytes(factory, n, d) / 2**20, 1)
         rows.append(row)
@@ -117,16 +118,18 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-memory", default="8G", help="memory budget given to the auto choice")
     ap.add_argument("--indexes", default="Flat,HNSW32,IVF-Flat,IVF-PQ+refine")
+    ap.add_argument("--recall-target", type=float, default=0.95, help="as `cmalign index --recall-target`")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "index_benchmark.json"))
     args = ap.parse_args(argv)
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "threads": faiss.omp_get_max_threads()},
                "versions": {"faiss": faiss.__version__, "numpy": np.__version__, "python": platform.python_version()},
                "date": time.strftime("%Y-%m-%d"), "command": " ".join(["benchmarks/index_benchmark.py", *sys.argv[1:]]),
-               "queries": 1000, "k": 10, "recall_target": 0.95, "memory_budget": args.max_memory, "sizes": []}
+               "queries": 1000, "k": 10, "recall_target": args.recall_target, "memory_budget": args.max_memory,
+               "sizes": []}
     for n in (int(s) for s in args.sizes.split(",")):
         budget = parse_memory(args.max_memory)
-        results["sizes"].append(run_size(n, args.dim, args.seed, args.indexes.split(","), budget))
+        results["sizes"].append(run_size(n, args.dim, args.seed, args.indexes.split(","), budget, args.recall_target))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     for size in results["sizes"]:

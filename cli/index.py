@@ -31,7 +31,8 @@ def print_summary(manifest: dict, out: str, seconds: float) -> None:
     if not r.get("measured", True) or "recall_at_k" not in r:
         recall = f"recall not measured ({r.get('reason') or r.get('stale') or 'no tuning'})"
     else:
-        recall = (f"recall@{r['k']} {r['recall_at_k']:.3f} vs exact on {r['queries']} held-out queries "
+        low = f" (95 % lower bound {r['recall_lower_95']:.3f})" if r.get("recall_lower_95") is not None else ""
+        recall = (f"recall@{r['k']} {r['recall_at_k']:.3f}{low} vs exact on {r['queries']} held-out queries "
                   f"(target {r['target']}), {r['ms_per_query']:.3f} ms/query")
     params = ", ".join(f"{k}={v}" for k, v in manifest["search_params"].items()) or "exact"
     lines = [
@@ -55,7 +56,9 @@ def index_command(
                                          "IVF4096,Flat, IVF4096,PQ64x4fs,Refine(SQ8), ...).")] = "auto",
     max_memory: Annotated[str | None, typer.Option(help="Memory budget for auto, e.g. 8G (default: half of RAM).")
                           ] = None,
-    recall_target: Annotated[float, typer.Option(help="recall@k vs exact search the tuned knobs must reach.")] = 0.95,
+    recall_target: Annotated[float, typer.Option(
+        help="recall@k vs exact search the tuned knobs must reach (its 95 % lower bound over held-out queries)."
+    )] = 0.95,
     k: Annotated[int, typer.Option("-k", help="k of the recall the knobs are tuned for.")] = 10,
     tune_queries: Annotated[int, typer.Option(help="Corpus vectors held out as tuning queries.")] = 1000,
     on_disk: Annotated[bool, typer.Option("--on-disk", help="IVF only: build per shard, merge the inverted lists "

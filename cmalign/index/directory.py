@@ -58,7 +58,7 @@ def read_index_manifest(index_dir: str | Path) -> dict:
 # The search knobs a manifest may set, each a positive integer (what tuning writes), bounded: nprobe = 0 on an IVF
 # index with a refine stage aborts the process from inside faiss, and a huge nprobe or k_factor_rf there allocates
 # nprobe (k × k_factor_rf) entries per query (2**31: killed for memory). nprobe is checked against the index's
-# lists when it is loaded (JointIndex); tuning tries efSearch up to 1024 and k_factor_rf up to 64.
+# lists when it is loaded (JointIndex); tuning tries efSearch up to 1024 and k_factor_rf up to 256.
 SEARCH_KNOBS = ("nprobe", "efSearch", "k_factor_rf")
 MAX_KNOB = {"nprobe": 2**31 - 1, "efSearch": 1 << 16, "k_factor_rf": 1 << 12}
 
