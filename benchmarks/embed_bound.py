@@ -98,15 +98,22 @@ def stage_costs(export: Path, files: list[str], captions: list[str], batch: int)
     model = ExportedModel(export, threads=1)
     pre = model.preprocessor
     n = len(files)
-    decoded: list = []
-    costs = {"decode": _cpu(lambda: decoded.extend(Image.open(f).copy() for f in files))}
+    # A batch at a time, as embed does (and 8192 decoded 512-px images held at once would be 6 GB: page faults
+    # counted as decoding): decode (open + load), then resize, crop and RGB per image and normalise the batch.
     pixels: list = []
-    costs["preprocess"] = _cpu(lambda: pixels.extend(pre(im) for im in decoded))
+    costs = {"decode": 0.0, "preprocess": 0.0}
+    for i in range(0, n, batch):
+        t = time.process_time()
+        decoded = [Image.open(f).copy() for f in files[i:i + batch]]
+        t2 = time.process_time()
+        pixels.append(pre.normalise(np.stack([pre.rgb8(im) for im in decoded])))
+        costs["decode"] += t2 - t
+        costs["preprocess"] += time.process_time() - t2
     tokens: list = []
     step = batch * 4
     costs["tokenise"] = _cpu(lambda: tokens.extend(model.tokenize(captions[i:i + step])
                                                    for i in range(0, len(captions), step)))
-    arr = np.stack(pixels)
+    arr = np.concatenate(pixels)
     img_emb, txt_emb = [], []
     model.encode_pixels(arr[:batch])  # first-run allocations are not a per-item cost
     costs["image inference"] = _cpu(lambda: img_emb.extend(model.encode_pixels(arr[i:i + batch])

@@ -228,3 +228,14 @@ def test_save_refuses_an_unknown_clean_fn(tmp_path: Path) -> None:
     tok.clean_fn = str.upper
     with pytest.raises(UnsupportedTokenizerError, match="clean_fn"):
         save_tokenizer(tok, tmp_path)
+
+
+def test_words_seen_before_tokenise_as_open_clip_in_any_case(tmp_path: Path) -> None:
+    # ClipTokenizer caches each word's ids: a word met again (in another case, or beside other words) must give
+    # what open_clip gives, and a text tokenised twice the same ids.
+    ref = oc_tok.SimpleTokenizer(context_length=32, clean="whitespace")
+    save_tokenizer(ref, tmp_path)
+    ours = ClipTokenizer.from_dir(tmp_path)
+    texts = ["Cat cat CAT cAt", "cat, Cat's CATS!", "a cat", "Cat"] * 2
+    first = ours(texts)
+    assert np.array_equal(first, ref(texts).numpy()) and np.array_equal(ours(texts), first)

@@ -61,7 +61,7 @@ def _decode(batch: dict, preprocessor) -> dict:
     float32 pixels would take through the object store), or the error that made it unreadable."""
     pixels, errors = [], []
     for image in batch.pop("image"):
-        try:  # as the local engine (cmalign.corpus.embed._preprocess): decode, resize, crop, then RGB
+        try:  # as the local engine (cmalign.corpus.embed._rgb8): decode, resize, crop, then RGB
             pixels.append(preprocessor.rgb8(image if isinstance(image, str) else image.load()))
             errors.append("")
         except Exception as e:  # PIL raises many types for missing or corrupt files
