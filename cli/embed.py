@@ -38,9 +38,7 @@ def embed_command(
     variant: Annotated[str, typer.Option(help="Graph variant of the export: fp32, fp16 or int8.")] = "fp32",
     batch_size: Annotated[int, typer.Option(help="Images per inference batch (texts: 4x).")] = 64,
     workers: Annotated[int, typer.Option(help="Image decoding threads.")] = 2,
-    threads: Annotated[int | None, typer.Option(
-        help="onnxruntime threads (default: all cores): the image session's; on CPU, captions run as that many "
-             "one-thread batches at once.")] = None,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: all cores).")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or float16 (halves the files).")] = "float32",
     data_format: Annotated[str, typer.Option("--format", help="|".join(FORMATS))] = _R.format,
     image_root: Annotated[str | None, typer.Option(help="Directory relative image paths are under.")] = None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -136,9 +135,7 @@ class ExportedModel:
 
     def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu", variant: str = "fp32",
                  threads: int | None = None, verify: bool = True, optimization: str | None = None,
-                 session_config: dict[str, str] | None = None, text_threads: int | None = None):
-        """``threads``: onnxruntime's intra-op threads of both sessions (default: onnxruntime's); ``text_threads``
-        overrides them for the text session (`embed` runs a one-thread text session from several threads)."""
+                 session_config: dict[str, str] | None = None):
         self.path = Path(export_dir)
         self.manifest = read_manifest(self.path)
         graphs = self.manifest["graphs"]
@@ -165,8 +162,7 @@ class ExportedModel:
                 if hashed[file.name] != entry["sha256"]:
                     raise ExportFormatError(f"{file}: checksum differs from the manifest; the file was changed or "
                                             "is truncated. Re-export, or pass verify=False to load it anyway")
-            tower_threads = text_threads if tower == "text" and text_threads else threads
-            self._sessions[tower] = make_session(file, provider, tower_threads, optimization, session_config)
+            self._sessions[tower] = make_session(file, provider, threads, optimization, session_config)
         if verify and fingerprint(self.path, hashed) != self.fingerprint:
             # the fingerprint is what indexes and embeddings are bound to: recomputed, not trusted from the manifest
             raise ExportFormatError(
@@ -199,31 +195,17 @@ class ExportedModel:
             tokens = trim_padding(tokens)
         return self._run("text", tokens)
 
-    def encode_tokens_batched(self, tokens: np.ndarray, batch_size: int, callers: int = 1) -> np.ndarray:
+    def encode_tokens_batched(self, tokens: np.ndarray, batch_size: int) -> np.ndarray:
         """``encode_tokens`` in batches of ``batch_size`` rows; with a graph that skips padding, the rows are run
         shortest first, so that each batch is cut at its own longest caption rather than at a long caption's that
-        happens to share it. Rows come back in their order.
-
-        ``callers`` > 1 runs that many batches at once from a thread pool (onnxruntime sessions take concurrent
-        runs and release the GIL): with a one-thread session, batches in parallel instead of each batch's
-        operators, which small text graphs use better (the tiny model's captions 1.2x, ViT-B-32's 1.04x on 2
-        cores)."""
+        happens to share it. Rows come back in their order."""
         order = np.arange(len(tokens))
         if self.trims_padding and len(tokens) > batch_size:
             order = np.argsort(token_lengths(tokens), kind="stable")
         out = np.empty((len(tokens), self.embed_dim), np.float32)
-
-        def run(start: int) -> None:
-            rows = order[start:start + batch_size]
-            out[rows] = self.encode_tokens(tokens[rows])  # each call writes its own rows
-
-        starts = range(0, len(order), batch_size)
-        if callers > 1 and len(starts) > 1:
-            with ThreadPoolExecutor(min(callers, len(starts))) as pool:
-                list(pool.map(run, starts))
-        else:
-            for start in starts:
-                run(start)
+        for i in range(0, len(order), batch_size):
+            rows = order[i:i + batch_size]
+            out[rows] = self.encode_tokens(tokens[rows])
         return out
 
     def _run(self, tower: str, x: np.ndarray) -> np.ndarray:

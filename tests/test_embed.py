@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cmalign.cli.main import app
-from cmalign.corpus.embed import EmbedConfig, embed_dataset, text_inference_callers
+from cmalign.corpus.embed import EmbedConfig, embed_dataset
 from cmalign.corpus.store import EmbeddingsError, load_embeddings, merge_shards, parse_shard
 from cmalign.data.synth import make_scene
 from cmalign.errors import ConfigError
@@ -125,19 +125,6 @@ def test_layout_rows_and_values_match_the_runtime(single, tiny_export, corpus, m
     np.testing.assert_array_equal(loaded.text, txt)
     assert loaded.image_metadata["image_path"].tolist() == corpus["images"]
     assert loaded.text_metadata["pair_id"].tolist() == tx["pair_id"].tolist()
-
-
-def test_text_batches_run_at_once_give_the_rows_of_one_at_a_time(tiny_export, corpus):
-    # embed runs several caption batches at once on a one-thread text session (text_inference_callers): the rows
-    # must come back in their places, bit for bit what one batch at a time gives.
-    one_thread = ExportedModel(tiny_export.out, text_threads=1)
-    tokens = one_thread.tokenize(corpus["captions"] + [c + " and more words" * (i % 4) for i, c in
-                                                       enumerate(corpus["captions"])])
-    at_once = one_thread.encode_tokens_batched(tokens, 7, callers=3)
-    np.testing.assert_array_equal(at_once, one_thread.encode_tokens_batched(tokens, 7))
-    np.testing.assert_allclose(at_once, one_thread.encode_tokens(tokens), atol=1e-6)  # one call, every row
-    assert text_inference_callers(EmbedConfig(export="x", threads=3)) == 3
-    assert text_inference_callers(EmbedConfig(export="x", provider="cuda")) == 1
 
 
 def test_shards_merge_into_the_single_run(single, tiny_export, corpus, tmp_path, monkeypatch):

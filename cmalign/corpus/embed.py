@@ -149,9 +149,8 @@ def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | 
     check_embed_settings(cfg)
     # shards written into the export, or into a folder data set, would mix with what they are read from
     refuse_inputs(cfg.out, [cfg.export, cfg.data if cfg.data and Path(cfg.data).is_dir() else None])
-    text_callers = text_inference_callers(cfg)
     model = ExportedModel(cfg.export, provider=cfg.provider, variant=cfg.variant, threads=cfg.threads,
-                          session_config=SESSION_CONFIG, text_threads=1 if text_callers > 1 else None)
+                          session_config=SESSION_CONFIG)
     out = Path(cfg.out)
     paths = shard_paths(out, index)
     pairs, skipped, data_desc = read_corpus(cfg)
@@ -171,7 +170,7 @@ def embed_dataset(cfg: EmbedConfig, progress: Callable[[str, int, int], None] | 
     mine = slice_pairs(pairs, index, n)
     img_emb, img_rows, bad = _embed_images(model, mine, cfg, progress)
     kept = [p for p in mine if p.pair_id not in bad]
-    txt_emb = _embed_texts(model, [r.caption for p in kept for r in p.captions], cfg, progress, text_callers)
+    txt_emb = _embed_texts(model, [r.caption for p in kept for r in p.captions], cfg, progress)
     # Samples the reader already skipped belong to no slice: only shard 0 lists (and counts) them, so
     # the merged total counts each once instead of once per shard.
     written = write_shard(cfg, identity, index, mine, bad, img_emb, img_rows, txt_emb,
@@ -346,19 +345,7 @@ def _embed_images(model: ExportedModel, pairs: list[_Pair], cfg: EmbedConfig, pr
     return emb, rows, bad
 
 
-def text_inference_callers(cfg: EmbedConfig) -> int:
-    """How many text batches run at once on CPU, each on one onnxruntime thread (as many as ``--threads``, or the
-    cores this process may use). Measured against one batch at a time on all the threads (2 cores, interleaved,
-    bit-identical output): the tiny model's captions 1.16-1.22x, ViT-B-32's 1.04x; two batches at once on a
-    two-thread session instead oversubscribed the cores (ViT-B-32 0.84x). A GPU runs one batch at a time."""
-    if cfg.provider != "cpu":
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cfg.threads or cores)
-
-
-def _embed_texts(model: ExportedModel, texts: list[str], cfg: EmbedConfig, progress,
-                 callers: int = 1) -> np.ndarray:
+def _embed_texts(model: ExportedModel, texts: list[str], cfg: EmbedConfig, progress) -> np.ndarray:
     step = cfg.batch_size * 4
     # Windows of TEXT_WINDOW batches: within one, captions run shortest first (each batch cut at its own longest
     # caption, see ExportedModel.encode_tokens_batched); the BPE tokenizer is Python, and one thread tokenises the
@@ -366,7 +353,7 @@ def _embed_texts(model: ExportedModel, texts: list[str], cfg: EmbedConfig, progr
     windows = [texts[i:i + step * TEXT_WINDOW] for i in range(0, len(texts), step * TEXT_WINDOW)]
     embs, done = [], 0
     for tokens in prefetch_map(model.tokenize, windows, workers=1):
-        embs.append(model.encode_tokens_batched(tokens, step, callers))
+        embs.append(model.encode_tokens_batched(tokens, step))
         done += len(tokens)
         if progress:
             progress("texts", done, len(texts))
