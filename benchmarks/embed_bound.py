@@ -99,14 +99,14 @@ def stage_costs(export: Path, files: list[str], captions: list[str], batch: int)
     pre = model.preprocessor
     n = len(files)
     # A batch at a time, as embed does (and 8192 decoded 512-px images held at once would be 6 GB: page faults
-    # counted as decoding): decode (open + load), then resize, crop and RGB per image and normalise the batch.
+    # counted as decoding): decode (open + load), then the preprocessor's batch (resize, crop, RGB; one normalise).
     pixels: list = []
     costs = {"decode": 0.0, "preprocess": 0.0}
     for i in range(0, n, batch):
         t = time.process_time()
         decoded = [Image.open(f).copy() for f in files[i:i + batch]]
         t2 = time.process_time()
-        pixels.append(pre.normalise(np.stack([pre.rgb8(im) for im in decoded])))
+        pixels.append(pre.batch(decoded))
         costs["decode"] += t2 - t
         costs["preprocess"] += time.process_time() - t2
     tokens: list = []
